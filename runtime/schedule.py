@@ -1,0 +1,75 @@
+"""When each layer computes, refreshes its residual, and keeps or frees its caches."""
+
+from __future__ import annotations
+
+COMPUTES_FULL = ("full", "asc")
+USES_RESIDUAL = ("wars", "wars_asc")
+
+
+class Schedule:
+    """The method grid plus the cache policy derived from it.
+
+    With ``keep_all`` (used while a plan is still being searched, when later steps
+    are unknown) every computed step keeps its output and every ``full``/``asc``
+    step refreshes its residual. Otherwise caches are kept only when a later step
+    reads them, and freed after that step: the outputs are the same either way.
+    """
+
+    def __init__(self, methods: list[list[str]], *, keep_all: bool = False) -> None:
+        self.methods = methods
+        self.keep_all = keep_all
+        self._refresh: set[tuple[int, int]] = set()
+        self._keep_output: set[tuple[int, int]] = set()
+        self._free_residual: set[tuple[int, int]] = set()
+        self._free_output: set[tuple[int, int]] = set()
+        if not keep_all:
+            self._derive()
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.methods)
+
+    def method(self, step: int, layer: int) -> str:
+        return self.methods[step][layer]
+
+    def refreshes_residual(self, step: int, layer: int) -> bool:
+        """Whether this ``full``/``asc`` step stores ``R = full - window`` for later use."""
+        if self.keep_all:
+            return self.methods[step][layer] in COMPUTES_FULL
+        return (step, layer) in self._refresh
+
+    def keeps_output(self, step: int, layer: int) -> bool:
+        """Whether this step's computed output is kept for a following ``ast`` step."""
+        if self.keep_all:
+            return self.methods[step][layer] != "ast"
+        return (step, layer) in self._keep_output
+
+    def frees_after(self, step: int, layer: int) -> tuple[bool, bool]:
+        """(residual, output): caches of this layer not needed after this step."""
+        if self.keep_all:
+            return False, False
+        return (step, layer) in self._free_residual, (step, layer) in self._free_output
+
+    def _derive(self) -> None:
+        steps = len(self.methods)
+        layers = len(self.methods[0]) if steps else 0
+        for i in range(layers):
+            column = [self.methods[t][i] for t in range(steps)]
+            source = None  # step whose residual is current
+            for t, m in enumerate(column):
+                if m in COMPUTES_FULL:
+                    source = t
+                elif m in USES_RESIDUAL and source is not None:
+                    self._refresh.add((source, i))
+            # a residual is freed after its last reader
+            for t, m in enumerate(column):
+                if m not in USES_RESIDUAL:
+                    continue
+                later = next((u for u in range(t + 1, steps) if column[u] != "ast"), None)
+                if later is None or column[later] not in USES_RESIDUAL:
+                    self._free_residual.add((t, i))
+            for t, m in enumerate(column):
+                if m != "ast" and t + 1 < steps and column[t + 1] == "ast":
+                    self._keep_output.add((t, i))
+                if m == "ast" and (t + 1 == steps or column[t + 1] != "ast"):
+                    self._free_output.add((t, i))

@@ -1,0 +1,265 @@
+"""The plan artifact: msgspec types, strict decoding and cross-field rules.
+
+A plan says, for every denoising step and every self-attention layer of one
+diffusion transformer, which DiTFastAttn method runs. It is plain JSON, decoded
+into typed structs: loading a plan never executes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+SCHEMA_VERSION = 1
+READABLE_VERSIONS = (1,)
+
+Method = Literal["full", "wars", "ast", "asc", "wars_asc"]
+METHODS: tuple[str, ...] = ("full", "wars", "ast", "asc", "wars_asc")
+CfgOrder = Literal["uncond_cond", "cond_uncond"]
+
+PosInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
+Hex64 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read, is inconsistent, or does not fit the model."""
+
+
+class ModelInfo(Struct, forbid_unknown_fields=True, frozen=True):
+    """Which transformer the plan was calibrated for."""
+
+    class_name: Annotated[str, Meta(min_length=1)]
+    name: Annotated[str, Meta(min_length=1)]
+    config_hash: Hex64
+    num_layers: PosInt
+    num_heads: PosInt
+    head_dim: PosInt
+
+
+class Tokens(Struct, forbid_unknown_fields=True, frozen=True):
+    """Self-attention sequence length N, and the image size that gave it."""
+
+    num_tokens: PosInt
+    height: PosInt | None = None
+    width: PosInt | None = None
+
+
+class Sampling(Struct, forbid_unknown_fields=True, frozen=True):
+    """How the pipeline samples: scheduler, step count and classifier-free guidance."""
+
+    scheduler: Annotated[str, Meta(min_length=1)]
+    num_steps: PosInt
+    cfg: bool
+    cfg_order: CfgOrder | None = None
+    guidance_scale: float | None = None
+
+
+class Calibration(Struct, forbid_unknown_fields=True, frozen=True):
+    """How the plan was searched. Absent for hand-written plans."""
+
+    delta: Annotated[float, Meta(gt=0.0, le=1.0)]
+    metric: Literal["rel_l1"]
+    prompts_hash: Hex64
+    num_prompts: PosInt
+    seed: int
+    search: Annotated[str, Meta(min_length=1)] = "greedy"
+
+
+class Summary(Struct, forbid_unknown_fields=True, frozen=True):
+    """Figures derived from the grid; checked against it on decode."""
+
+    attention_flops_fraction: Fraction
+    method_counts: dict[Method, NonNegInt]
+
+
+class Plan(Struct, forbid_unknown_fields=True, frozen=True):
+    """A DiTFastAttn plan: a method per (step, layer) plus everything needed to trust it.
+
+    ``methods[t][i]`` is the method of self-attention layer ``i`` at denoising step
+    ``t``; ``window`` is the half-width ``w`` (in tokens) of every ``wars`` band:
+    query ``i`` sees keys ``i - w .. i + w``. ``losses[t][i]``, when present, is the
+    calibration loss of the kept decision (``None`` where none was measured).
+    """
+
+    schema_version: int
+    tool_version: Annotated[str, Meta(min_length=1)]
+    model: ModelInfo
+    tokens: Tokens
+    sampling: Sampling
+    window: NonNegInt
+    methods: list[list[Method]]
+    summary: Summary
+    calibration: Calibration | None = None
+    losses: list[list[Annotated[float, Meta(ge=0.0)] | None]] | None = None
+
+
+class _Header(Struct):
+    schema_version: Any = None
+
+
+# ---------------------------------------------------------------------------
+# derived figures
+
+
+def window_pairs(num_tokens: int, window: int) -> int:
+    """Number of (query, key) pairs inside the band |i - j| <= window over N tokens."""
+    n, w = num_tokens, min(window, num_tokens - 1)
+    return n * (2 * w + 1) - w * (w + 1)
+
+
+def method_cost(method: str, num_tokens: int, window: int) -> float:
+    """Attention FLOPs of one layer-step under ``method``, as a fraction of full attention."""
+    band = window_pairs(num_tokens, window) / (num_tokens * num_tokens)
+    return {"full": 1.0, "asc": 0.5, "wars": band, "wars_asc": band / 2, "ast": 0.0}[method]
+
+
+def summarize(methods: list[list[str]], num_tokens: int, window: int) -> Summary:
+    """Attention FLOPs kept and method counts for a grid."""
+    cells = [m for row in methods for m in row]
+    counts = {m: 0 for m in METHODS}
+    for m in cells:
+        counts[m] += 1
+    costs = {m: method_cost(m, num_tokens, window) for m in METHODS}
+    fraction = sum(counts[m] * costs[m] for m in METHODS) / max(len(cells), 1)
+    return Summary(attention_flops_fraction=fraction, method_counts=counts)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Stable sha256 of a model config, ignoring private keys (``_name_or_path`` ...)."""
+    public = {k: v for k, v in config.items() if not str(k).startswith("_")}
+    return hashlib.sha256(msgspec.json.encode(public, order="sorted")).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# decoding
+
+
+_PATH = re.compile(r"\.([A-Za-z_][A-Za-z_0-9]*)|\[(\d+)\]")
+
+
+def _value_at(doc: Any, path: str) -> Any:
+    """Follow a msgspec error path such as ``$.methods[3][1]`` into a generic document."""
+    node = doc
+    for key, index in _PATH.findall(path.removeprefix("$")):
+        node = node[key] if key else node[int(index)]
+    return node
+
+
+def _with_value(message: str, raw: bytes) -> str:
+    match = re.search(r"at `(\$[^`]*)`", message)
+    if not match:
+        return message
+    try:
+        value = _value_at(msgspec.json.decode(raw), match.group(1))
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+        return message
+    shown = msgspec.json.encode(value).decode()
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{message} (got {shown})"
+
+
+def decode_plan(raw: bytes | str) -> Plan:
+    """Decode and check a plan; any input gives a ``Plan`` or raises ``PlanError``."""
+    if isinstance(raw, str):
+        raw = raw.encode()
+    try:
+        header = msgspec.json.decode(raw, type=_Header)
+    except msgspec.DecodeError as exc:
+        raise PlanError(f"not a plan: {exc}") from None
+    version = header.schema_version
+    if version is None:
+        raise PlanError("$.schema_version: missing; not a ditfastattn plan")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise PlanError(
+            f"$.schema_version: unsupported plan schema version {version!r}; "
+            f"this build reads version {readable}"
+        )
+    try:
+        plan = msgspec.json.decode(raw, type=Plan)
+    except msgspec.DecodeError as exc:
+        raise PlanError(f"invalid plan: {_with_value(str(exc), raw)}") from None
+    check_plan(plan)
+    return plan
+
+
+def encode_plan(plan: Plan) -> bytes:
+    """Encode a checked plan as readable JSON: one line per step for the grids."""
+    check_plan(plan)
+    fields = []
+    for key, value in msgspec.to_builtins(plan).items():
+        if key in ("methods", "losses") and value is not None:
+            rows = ",\n    ".join(msgspec.json.encode(row).decode() for row in value)
+            text = f"[\n    {rows}\n  ]"
+        else:
+            text = msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+            text = text.replace("\n", "\n  ")
+        fields.append(f'  "{key}": {text}')
+    return ("{\n" + ",\n".join(fields) + "\n}\n").encode()
+
+
+def check_plan(plan: Plan) -> None:
+    """Cross-field rules; raises ``PlanError`` naming the offending field."""
+    steps, layers = plan.sampling.num_steps, plan.model.num_layers
+    if len(plan.methods) != steps:
+        raise PlanError(
+            f"$.methods: grid has {len(plan.methods)} steps, sampling.num_steps is {steps}"
+        )
+    for t, row in enumerate(plan.methods):
+        if len(row) != layers:
+            raise PlanError(
+                f"$.methods[{t}]: row has {len(row)} layers, model.num_layers is {layers}"
+            )
+    for i, m in enumerate(plan.methods[0]):
+        if m != "full":
+            raise PlanError(f"$.methods[0][{i}]: step 0 must be 'full' (got {m!r})")
+    uses = {m for row in plan.methods for m in row}
+    if uses & {"wars", "wars_asc"} and plan.window < 1:
+        raise PlanError(f"$.window: 'wars' methods need a window >= 1 (got {plan.window})")
+    if uses & {"wars", "wars_asc"} and plan.window > plan.tokens.num_tokens - 1:
+        raise PlanError(
+            f"$.window: {plan.window} exceeds tokens.num_tokens - 1 = {plan.tokens.num_tokens - 1}"
+        )
+    if uses & {"asc", "wars_asc"} and not plan.sampling.cfg:
+        t, i = next(
+            (t, i)
+            for t, row in enumerate(plan.methods)
+            for i, m in enumerate(row)
+            if m in ("asc", "wars_asc")
+        )
+        raise PlanError(
+            f"$.methods[{t}][{i}]: {plan.methods[t][i]!r} shares across CFG halves "
+            "but sampling.cfg is false"
+        )
+    if plan.sampling.cfg and plan.sampling.cfg_order is None:
+        raise PlanError("$.sampling.cfg_order: required when sampling.cfg is true")
+    if plan.losses is not None:
+        if len(plan.losses) != steps or any(len(r) != layers for r in plan.losses):
+            raise PlanError("$.losses: must have the same steps x layers shape as $.methods")
+    expected = summarize(plan.methods, plan.tokens.num_tokens, plan.window)
+    for method in METHODS:
+        got = plan.summary.method_counts.get(method, 0)
+        if got != expected.method_counts[method]:
+            raise PlanError(
+                f"$.summary.method_counts.{method}: says {got}, the grid has "
+                f"{expected.method_counts[method]}"
+            )
+    got_fraction = plan.summary.attention_flops_fraction
+    if not math.isclose(got_fraction, expected.attention_flops_fraction, abs_tol=1e-9):
+        raise PlanError(
+            f"$.summary.attention_flops_fraction: says {got_fraction}, the grid gives "
+            f"{expected.attention_flops_fraction:.12g}"
+        )
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the plan format."""
+    return msgspec.json.schema(Plan)
