@@ -158,7 +158,7 @@ def _with_value(message: str, raw: bytes) -> str:
         return message
     try:
         value = _value_at(msgspec.json.decode(raw), match.group(1))
-    except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
         return message
     shown = msgspec.json.encode(value).decode()
     if len(shown) > 80:
@@ -168,11 +168,11 @@ def _with_value(message: str, raw: bytes) -> str:
 
 def decode_plan(raw: bytes | str) -> Plan:
     """Decode and check a plan; any input gives a ``Plan`` or raises ``PlanError``."""
-    if isinstance(raw, str):
-        raw = raw.encode()
     try:
+        if isinstance(raw, str):
+            raw = raw.encode()
         header = msgspec.json.decode(raw, type=_Header)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeError) as exc:
         raise PlanError(f"not a plan: {exc}") from None
     version = header.schema_version
     if version is None:
@@ -185,6 +185,8 @@ def decode_plan(raw: bytes | str) -> Plan:
         )
     try:
         plan = msgspec.json.decode(raw, type=Plan)
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"invalid plan: not UTF-8 at byte {exc.start}") from None
     except msgspec.DecodeError as exc:
         raise PlanError(f"invalid plan: {_with_value(str(exc), raw)}") from None
     check_plan(plan)

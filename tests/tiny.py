@@ -8,6 +8,7 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
+    PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
 )
@@ -101,3 +102,13 @@ def tiny_dit_pipeline(seed: int = 0) -> DiTPipeline:
         id2label={i: f"class{i}" for i in range(10)},
     )
     return pipe.to("cpu")
+
+
+def tiny_pixart_alpha_pipeline(seed: int = 0) -> PixArtAlphaPipeline:
+    return PixArtAlphaPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=tiny_text_encoder(seed),
+        vae=tiny_vae(seed),
+        transformer=tiny_pixart_transformer(seed),
+        scheduler=DPMSolverMultistepScheduler(),
+    ).to("cpu")

@@ -1,0 +1,87 @@
+"""An independent float64 reference of DESIGN.md §1, used only by the tests.
+
+It computes every candidate from scratch with explicit softmax and a dense band mask,
+and keeps its caches naively: the residual is refreshed at every ``full``/``asc``
+step and the ``ast`` output at every computed step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if window is not None:
+        n = q.shape[-2]
+        i = torch.arange(n).view(-1, 1)
+        j = torch.arange(n).view(1, -1)
+        scores = scores.masked_fill((i - j).abs() > window, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+class ReferenceRun:
+    """Plays a method grid on a model through plain attention processors."""
+
+    def __init__(self, methods: list[list[str]], window: int, cond_first: bool) -> None:
+        self.methods, self.window, self.cond_first = methods, window, cond_first
+        self.step = 0
+        self.residual: dict[int, torch.Tensor] = {}  # [cond rows | all rows] per layer
+        self.output: dict[int, torch.Tensor] = {}
+
+    def cond(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[0] // 2
+        return x[:half] if self.cond_first else x[half:]
+
+    def both(self, cond: torch.Tensor) -> torch.Tensor:
+        return torch.cat([cond, cond])
+
+    def processor(self, layer: int) -> Any:
+        return _Processor(self, layer)
+
+    def install(self, model: torch.nn.Module) -> list[Any]:
+        originals = []
+        for i, block in enumerate(model.transformer_blocks):
+            originals.append(block.attn1.processor)
+            block.attn1.set_processor(self.processor(i))
+        return originals
+
+
+class _Processor:
+    def __init__(self, run: ReferenceRun, layer: int) -> None:
+        self.run, self.layer = run, layer
+
+    def __call__(
+        self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+        attention_mask: Any = None, temb: Any = None, **kwargs: Any,
+    ) -> torch.Tensor:
+        run, layer = self.run, self.layer
+        method = run.methods[run.step][layer]
+        if method == "ast":
+            return run.output[layer]
+        b, n, _ = hidden_states.shape
+        h = attn.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, h, -1).transpose(1, 2)
+
+        q, k, v = (split(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        full = dense_attention(q, k, v, None)
+        win = dense_attention(q, k, v, run.window)
+        if method == "full":
+            o = full
+            run.residual[layer] = full - win
+        elif method == "asc":
+            o = run.both(run.cond(full))
+            run.residual[layer] = run.both(run.cond(full - win))
+        elif method == "wars":
+            o = win + run.residual[layer]
+        else:  # wars_asc: conditional rows' window plus the conditional rows' residual
+            o = run.both(run.cond(win) + run.cond(run.residual[layer]))
+        out = attn.to_out[0](o.transpose(1, 2).reshape(b, n, -1))
+        out = attn.to_out[1](out) / attn.rescale_output_factor
+        run.output[layer] = out
+        return out

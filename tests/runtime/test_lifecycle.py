@@ -1,0 +1,128 @@
+"""apply / remove, generations, interruptions, statistics and cache release."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import runtime
+from schemas import PlanError
+from tests.plans import all_full, plan_for
+from tests.runtime.conftest import float64_model, generate_dit, generate_pixart, run_steps, step_inputs
+
+MIXED = [
+    ["full", "full", "full"],
+    ["wars", "ast", "asc"],
+    ["wars_asc", "ast", "wars"],
+    ["ast", "full", "wars_asc"],
+]
+
+
+def test_remove_restores_outputs_bit_for_bit(pixart_pipe):
+    raw = generate_pixart(pixart_pipe)
+    handle = runtime.apply(plan_for(pixart_pipe.transformer, MIXED), pixart_pipe)
+    planned = generate_pixart(pixart_pipe)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert not torch.equal(raw, planned)
+    assert torch.equal(generate_pixart(pixart_pipe), raw)
+    assert "set_timesteps" not in vars(pixart_pipe.scheduler)
+
+
+def test_two_generations_with_same_seed_are_identical(dit_pipe):
+    plan = plan_for(dit_pipe.transformer, MIXED, cfg_order="cond_uncond")
+    with runtime.apply(plan, dit_pipe) as handle:
+        first = generate_dit(dit_pipe)
+        second = generate_dit(dit_pipe)
+    assert torch.equal(first, second)
+    assert handle.stats().generations == 2
+
+
+def test_exception_between_steps_then_clean_generation(pixart_pipe):
+    plan = plan_for(pixart_pipe.transformer, MIXED)
+    with runtime.apply(plan, pixart_pipe):
+        clean = generate_pixart(pixart_pipe)
+
+        def interrupt(step, timestep, latents):
+            if step == 1:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            generate_pixart(pixart_pipe, callback=interrupt, callback_steps=1)
+        again = generate_pixart(pixart_pipe)
+    assert torch.equal(clean, again)
+
+
+def test_exception_inside_forward_ends_the_generation_on_a_bare_transformer():
+    model = float64_model("pixart")
+    plan = plan_for(model, MIXED)
+    with runtime.apply(plan, model) as handle:
+        clean = run_steps(model, "pixart", 4)
+        handle.reset()
+        run_steps(model, "pixart", 2)
+        boom = model.transformer_blocks[1].register_forward_hook(lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError), torch.no_grad():
+            model(**step_inputs("pixart", 2, cfg=True, order="uncond_cond"))
+        boom.remove()
+        again = run_steps(model, "pixart", 4)  # starts at step 0 by itself
+    for a, b in zip(clean, again):
+        assert torch.equal(a, b)
+
+
+def test_bare_transformer_needs_reset_between_generations():
+    model = float64_model("dit")
+    plan = plan_for(model, MIXED, cfg_order="cond_uncond")
+    with runtime.apply(plan, model) as handle:
+        first = run_steps(model, "dit", 4, order="cond_uncond")
+        with pytest.raises(PlanError, match=r"\$\.sampling\.num_steps"):
+            run_steps(model, "dit", 1, order="cond_uncond")
+        handle.reset()
+        assert handle.step == 0
+        second = run_steps(model, "dit", 4, order="cond_uncond")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_stats_count_what_ran_and_caches_are_released():
+    model = float64_model("pixart")
+    plan = plan_for(model, MIXED, window=8)
+    with runtime.apply(plan, model) as handle:
+        run_steps(model, "pixart", 4)
+        stats = handle.stats()
+        state = handle.runner.state
+        assert state.residuals == {} and state.outputs == {}
+    assert stats.method_counts == plan.summary.method_counts
+    assert stats.steps == 4 and stats.generations == 1
+    # layer 0 refreshes at step 0 for wars/wars_asc; layer 2 at its asc step
+    assert stats.residual_refreshes == 2
+    # peak during step 2: residual of layer 0 (4 rows x 2 heads x 64 x 8, float64),
+    # layer 2's conditional-only residual (2 rows), the outputs kept for ast of layer 1
+    # (from step 0) and of layer 0 (from step 2), each 4 rows x 64 x 16
+    residual, output = 4 * 2 * 64 * 8 * 8, 4 * 64 * 16 * 8
+    assert stats.peak_cache_bytes == residual + residual // 2 + 2 * output
+    band = plan.summary.attention_flops_fraction
+    assert stats.attention_flops_fraction > band  # refresh windows are counted as executed
+
+
+def test_all_full_plan_holds_no_cache():
+    model = float64_model("dit")
+    with runtime.apply(plan_for(model, all_full(3, 3), cfg_order="cond_uncond"), model) as handle:
+        run_steps(model, "dit", 3, order="cond_uncond")
+    assert handle.stats().peak_cache_bytes == 0
+    assert handle.stats().attention_flops_fraction == 1.0
+
+
+def test_caches_kept_only_for_layers_that_need_them():
+    model = float64_model("pixart")
+    methods = [["full"] * 3, ["full", "ast", "full"], ["full", "full", "full"]]
+    with runtime.apply(plan_for(model, methods), model) as handle:
+        inputs = [step_inputs("pixart", t, cfg=True, order="uncond_cond") for t in range(3)]
+        with torch.no_grad():
+            model(**inputs[0])
+            assert set(handle.runner.state.outputs) == {1}
+            assert handle.runner.state.residuals == {}
+            model(**inputs[1])
+            assert handle.runner.state.outputs == {}
+            model(**inputs[2])
+    one_output = 4 * 64 * 16 * 8  # rows x tokens x channels x float64 bytes
+    assert handle.stats().peak_cache_bytes == one_output
