@@ -169,10 +169,12 @@ def install(runner: Runner, model: torch.nn.Module, layers: list[Any]) -> Instal
     for i, attn in enumerate(layers):
         attn.set_processor(FastAttnProcessor(runner, i))
 
+    @torch.compiler.disable
     def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
         runner.before_forward(hidden, kwargs.get("class_labels"))
 
+    @torch.compiler.disable
     def post(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         runner.after_forward()
 

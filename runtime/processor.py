@@ -21,12 +21,16 @@ class FastAttnProcessor:
     skipping q/k/v; ``asc`` full attention on the conditional rows, copied to the
     unconditional ones; ``wars_asc`` window plus residual on the conditional rows,
     copied. What to run and which caches to touch comes from the shared ``Runner``.
+
+    Under ``torch.compile`` the processor runs eagerly (a graph break), so choosing a
+    method per step never triggers a recompile of the surrounding transformer.
     """
 
     def __init__(self, runner: Runner, layer: int) -> None:
         self.runner = runner
         self.layer = layer
 
+    @torch.compiler.disable
     def __call__(
         self,
         attn: Any,
