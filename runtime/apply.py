@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ PIPELINE_CFG_ORDER = {
     "PixArtSigmaPipeline": "uncond_cond",
     "PixArtAlphaPipeline": "uncond_cond",
     "DiTPipeline": "cond_uncond",
+    "LattePipeline": "uncond_cond",
 }
 
 
@@ -32,8 +34,24 @@ def find_transformer(target: Any) -> torch.nn.Module:
 
 
 def self_attention_layers(model: torch.nn.Module) -> list[Any]:
-    """``attn1`` of each transformer block, in model order."""
-    return [block.attn1 for block in model.transformer_blocks]
+    """``attn1`` of each transformer block, in the order the model runs them.
+
+    Video DiTs with ``temporal_transformer_blocks`` (Latte) alternate: spatial block
+    ``i``, then temporal block ``i``.
+    """
+    spatial = [block.attn1 for block in model.transformer_blocks]
+    temporal = getattr(model, "temporal_transformer_blocks", None)
+    if temporal is None:
+        return spatial
+    return [attn for pair in zip(spatial, (b.attn1 for b in temporal)) for attn in pair]
+
+
+def layer_kinds(model: torch.nn.Module) -> list[str]:
+    """``spatial`` or ``temporal`` for each entry of ``self_attention_layers``."""
+    count = len(model.transformer_blocks)
+    if getattr(model, "temporal_transformer_blocks", None) is None:
+        return ["spatial"] * count
+    return ["spatial", "temporal"] * count
 
 
 def _check_model(plan: Plan, model: torch.nn.Module, layers: list[Any], strict: bool) -> None:
@@ -50,6 +68,12 @@ def _check_model(plan: Plan, model: torch.nn.Module, layers: list[Any], strict: 
             raise PlanError(f"layer {i}: attn1 is not a plain self-attention module")
         if attn.group_norm is not None:
             raise PlanError(f"layer {i}: attn1 with group norm is not supported")
+    kinds = layer_kinds(model)
+    planned = [layer.kind for layer in plan.layers] if plan.layers else ["spatial"] * len(layers)
+    for i, (want, have) in enumerate(zip(planned, kinds)):
+        if want != have:
+            field = f"$.layers[{i}].kind" if plan.layers else "$.layers"
+            raise PlanError(f"{field}: plan has a {want} layer {i}, the model's layer {i} is {have}")
     if strict:
         name = type(model).__name__
         if name != info.class_name:
@@ -93,6 +117,7 @@ class FastAttnHandle:
             num_tokens=plan.tokens.num_tokens,
             kernel=kernel,
             null_class=config.get("num_embeds_ada_norm") if "class_labels" in _forward_args(model) else None,
+            layers=list(plan.layers) if plan.layers else None,
         )
         self._scheduler = getattr(target, "scheduler", None) if target is not model else None
         self._installed = install(self.runner, model, layers)
@@ -137,6 +162,7 @@ class FastAttnHandle:
         original = scheduler.set_timesteps
         runner, steps = self.runner, self.plan.sampling.num_steps
 
+        @functools.wraps(original)
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
             runner.state.reset()

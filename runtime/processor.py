@@ -56,13 +56,14 @@ class FastAttnProcessor:
             )
         state, writes = runner.state, not runner.trial
         refresh = runner.schedule.refreshes_residual(step, layer)
+        rows_all, window = hidden_states.shape[0], runner.window_of(layer)
 
         if method == "ast":
             out = state.outputs.get(layer)
             if out is None:
                 raise PlanError(f"$.methods[{step}][{layer}]: 'ast' has no earlier output to reuse")
             if writes:
-                state.count("ast", num_tokens, runner.window, False)
+                state.count("ast", rows_all, num_tokens, window, False)
             return out
 
         shared = method in ("asc", "wars_asc")
@@ -71,15 +72,17 @@ class FastAttnProcessor:
         if method in ("full", "asc"):
             o = full_attention(q, k, v, _prepare_mask(attn, attention_mask, q))
             if refresh and writes:
-                residual = o - runner.window_attention(q, k, v)
+                residual = o - runner.window_attention(q, k, v, layer)
                 runner.store_residual(layer, residual, cond_only=shared)
         else:
-            o = runner.window_attention(q, k, v) + runner.residual_for(layer, rows, o_rows=q.shape[0])
+            residual = runner.residual_for(layer, rows, o_rows=q.shape[0])
+            o = runner.window_attention(q, k, v, layer) + residual
         out = _output(attn, o, q.dtype)
         if shared:
             out = runner.copy_to_both_halves(out)
         if writes:
-            state.count(method, num_tokens, runner.window, refresh and method in ("full", "asc"))
+            refreshed = refresh and method in ("full", "asc")
+            state.count(method, rows_all, num_tokens, window, refreshed)
             if runner.schedule.keeps_output(step, layer):
                 state.outputs[layer] = out
                 state.note_cache()

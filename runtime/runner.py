@@ -11,7 +11,7 @@ import torch
 from runtime.kernels import resolve_window_kernel
 from runtime.schedule import Schedule
 from runtime.state import GenerationState, Residual
-from schemas import PlanError
+from schemas import Layer, PlanError
 
 
 class Runner:
@@ -31,12 +31,14 @@ class Runner:
         num_tokens: int | None = None,
         kernel: str = "auto",
         null_class: int | None = None,
+        layers: list[Layer] | None = None,
     ) -> None:
         self.schedule = schedule
         self.window = window
         self.cfg = cfg
         self.cfg_order = cfg_order
         self.num_tokens = num_tokens
+        self.layers = layers
         self.null_class = null_class
         self.state = GenerationState()
         self.trial = False
@@ -59,8 +61,14 @@ class Runner:
         finally:
             self.trial, self.overrides = False, {}
 
-    def window_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self._window_kernel(q, k, v, self.window)
+    def window_of(self, layer: int) -> int:
+        """Band half-width of ``layer``, in its own tokens."""
+        return self.layers[layer].window if self.layers else self.window
+
+    def window_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        return self._window_kernel(q, k, v, self.window_of(layer))
 
     # -- CFG halves --------------------------------------------------------
     def cond_rows(self, batch: int) -> slice:
@@ -105,7 +113,14 @@ class Runner:
 
     # -- checks ------------------------------------------------------------
     def check_tokens(self, layer: int, num_tokens: int) -> None:
-        if self.num_tokens is not None and num_tokens != self.num_tokens:
+        if self.layers:
+            expected = self.layers[layer].num_tokens
+            if num_tokens != expected:
+                raise PlanError(
+                    f"$.layers[{layer}].num_tokens: plan has {expected} tokens, layer {layer} "
+                    f"({self.layers[layer].kind}) runs {num_tokens}"
+                )
+        elif self.num_tokens is not None and num_tokens != self.num_tokens:
             raise PlanError(
                 f"$.tokens.num_tokens: plan has {self.num_tokens} tokens, layer {layer} "
                 f"runs {num_tokens}"

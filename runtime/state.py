@@ -14,8 +14,9 @@ class RunStats:
     """What actually ran since the plan was applied (or since ``reset(stats=True)``).
 
     ``attention_flops_fraction`` is the executed self-attention FLOPs over what full
-    attention would have cost for the same layer-steps; it includes the window
-    attention spent refreshing residuals, which the plan's own figure leaves out.
+    attention would have cost for the same layer-steps (both counted in query-key
+    pairs over the batch); it includes the window attention spent refreshing
+    residuals, which the plan's own figure leaves out.
     """
 
     method_counts: dict[str, int] = field(default_factory=lambda: {m: 0 for m in METHODS})
@@ -23,6 +24,7 @@ class RunStats:
     steps: int = 0
     generations: int = 0
     attention_flops: float = 0.0
+    full_attention_flops: float = 0.0
     peak_cache_bytes: int = 0
 
     @property
@@ -31,7 +33,9 @@ class RunStats:
 
     @property
     def attention_flops_fraction(self) -> float:
-        return self.attention_flops / self.layer_steps if self.layer_steps else 1.0
+        if not self.full_attention_flops:
+            return 1.0
+        return self.attention_flops / self.full_attention_flops
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -82,11 +86,14 @@ class GenerationState:
     def note_cache(self) -> None:
         self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache_bytes())
 
-    def count(self, method: str, num_tokens: int, window: int, refreshed: bool) -> None:
+    def count(self, method: str, rows: int, num_tokens: int, window: int, refreshed: bool) -> None:
+        """Record one layer-step: ``rows`` attention sequences of ``num_tokens`` tokens."""
         stats = self.stats
+        full = rows * num_tokens * num_tokens
         stats.method_counts[method] += 1
-        stats.attention_flops += method_cost(method, num_tokens, window)
+        stats.full_attention_flops += full
+        stats.attention_flops += full * method_cost(method, num_tokens, window)
         if refreshed:
             stats.residual_refreshes += 1
             share = 0.5 if method == "asc" else 1.0
-            stats.attention_flops += share * method_cost("wars", num_tokens, window)
+            stats.attention_flops += full * share * method_cost("wars", num_tokens, window)

@@ -21,6 +21,7 @@ READABLE_VERSIONS = (1,)
 Method = Literal["full", "wars", "ast", "asc", "wars_asc"]
 METHODS: tuple[str, ...] = ("full", "wars", "ast", "asc", "wars_asc")
 CfgOrder = Literal["uncond_cond", "cond_uncond"]
+LayerKind = Literal["spatial", "temporal"]
 
 PosInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -44,11 +45,27 @@ class ModelInfo(Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Tokens(Struct, forbid_unknown_fields=True, frozen=True):
-    """Self-attention sequence length N, and the image size that gave it."""
+    """Image tokens N (per frame for video), the size that gave them, and the frame count."""
 
     num_tokens: PosInt
     height: PosInt | None = None
     width: PosInt | None = None
+    frames: PosInt | None = None
+
+
+class Layer(Struct, forbid_unknown_fields=True, frozen=True):
+    """One self-attention layer of a video DiT.
+
+    A ``spatial`` layer attends over the ``num_tokens`` image tokens of each frame
+    (``sequences`` = frames per sample); a ``temporal`` layer attends over the frames
+    of each token position (``num_tokens`` = frames, ``sequences`` = image tokens).
+    ``window`` is this layer's band half-width in its own tokens (frames for temporal).
+    """
+
+    kind: LayerKind
+    num_tokens: PosInt
+    window: NonNegInt
+    sequences: PosInt = 1
 
 
 class Sampling(Struct, forbid_unknown_fields=True, frozen=True):
@@ -86,6 +103,9 @@ class Plan(Struct, forbid_unknown_fields=True, frozen=True):
     ``t``; ``window`` is the half-width ``w`` (in tokens) of every ``wars`` band:
     query ``i`` sees keys ``i - w .. i + w``. ``losses[t][i]``, when present, is the
     calibration loss of the kept decision (``None`` where none was measured).
+    ``layers`` describes each layer of a video DiT (kind, tokens, window); image
+    plans leave it out, and every layer then attends over ``tokens.num_tokens`` with
+    ``window``.
     """
 
     schema_version: int
@@ -98,6 +118,14 @@ class Plan(Struct, forbid_unknown_fields=True, frozen=True):
     summary: Summary
     calibration: Calibration | None = None
     losses: list[list[Annotated[float, Meta(ge=0.0)] | None]] | None = None
+    layers: list[Layer] | None = None
+
+
+def plan_layers(plan: Plan) -> list[Layer]:
+    """Every layer's kind, tokens and window; image plans give uniform spatial layers."""
+    if plan.layers is not None:
+        return list(plan.layers)
+    return [Layer("spatial", plan.tokens.num_tokens, plan.window)] * plan.model.num_layers
 
 
 class _Header(Struct):
@@ -120,14 +148,28 @@ def method_cost(method: str, num_tokens: int, window: int) -> float:
     return {"full": 1.0, "asc": 0.5, "wars": band, "wars_asc": band / 2, "ast": 0.0}[method]
 
 
-def summarize(methods: list[list[str]], num_tokens: int, window: int) -> Summary:
-    """Attention FLOPs kept and method counts for a grid."""
-    cells = [m for row in methods for m in row]
+def layer_weight(layer: Layer) -> int:
+    """Full attention FLOPs of one layer per sample, in units of query-key pairs."""
+    return layer.sequences * layer.num_tokens * layer.num_tokens
+
+
+def summarize(
+    methods: list[list[str]], num_tokens: int, window: int, layers: list[Layer] | None = None
+) -> Summary:
+    """Attention FLOPs kept (weighted by each layer's full cost) and method counts for a grid."""
     counts = {m: 0 for m in METHODS}
-    for m in cells:
-        counts[m] += 1
-    costs = {m: method_cost(m, num_tokens, window) for m in METHODS}
-    fraction = sum(counts[m] * costs[m] for m in METHODS) / max(len(cells), 1)
+    kept = total = 0.0
+    for row in methods:
+        for i, m in enumerate(row):
+            counts[m] += 1
+            if layers is not None and i < len(layers):
+                weight = layer_weight(layers[i])
+                kept += weight * method_cost(m, layers[i].num_tokens, layers[i].window)
+            else:
+                weight = 1
+                kept += method_cost(m, num_tokens, window)
+            total += weight
+    fraction = kept / total if total else 1.0
     return Summary(attention_flops_fraction=fraction, method_counts=counts)
 
 
@@ -223,13 +265,13 @@ def check_plan(plan: Plan) -> None:
     for i, m in enumerate(plan.methods[0]):
         if m != "full":
             raise PlanError(f"$.methods[0][{i}]: step 0 must be 'full' (got {m!r})")
+    _check_layers(plan)
     uses = {m for row in plan.methods for m in row}
-    if uses & {"wars", "wars_asc"} and plan.window < 1:
-        raise PlanError(f"$.window: 'wars' methods need a window >= 1 (got {plan.window})")
-    if uses & {"wars", "wars_asc"} and plan.window > plan.tokens.num_tokens - 1:
-        raise PlanError(
-            f"$.window: {plan.window} exceeds tokens.num_tokens - 1 = {plan.tokens.num_tokens - 1}"
-        )
+    if plan.layers is None and uses & {"wars", "wars_asc"}:
+        _check_window("$.window", plan.window, plan.tokens.num_tokens)
+    for i, layer in enumerate(plan.layers or ()):
+        if any(row[i] in ("wars", "wars_asc") for row in plan.methods):
+            _check_window(f"$.layers[{i}].window", layer.window, layer.num_tokens)
     if uses & {"asc", "wars_asc"} and not plan.sampling.cfg:
         t, i = next(
             (t, i)
@@ -246,7 +288,7 @@ def check_plan(plan: Plan) -> None:
     if plan.losses is not None:
         if len(plan.losses) != steps or any(len(r) != layers for r in plan.losses):
             raise PlanError("$.losses: must have the same steps x layers shape as $.methods")
-    expected = summarize(plan.methods, plan.tokens.num_tokens, plan.window)
+    expected = summarize(plan.methods, plan.tokens.num_tokens, plan.window, plan.layers)
     for method in METHODS:
         got = plan.summary.method_counts.get(method, 0)
         if got != expected.method_counts[method]:
@@ -260,6 +302,31 @@ def check_plan(plan: Plan) -> None:
             f"$.summary.attention_flops_fraction: says {got_fraction}, the grid gives "
             f"{expected.attention_flops_fraction:.12g}"
         )
+
+
+def _check_window(field: str, window: int, num_tokens: int) -> None:
+    if window < 1:
+        raise PlanError(f"{field}: 'wars' methods need a window >= 1 (got {window})")
+    if window > num_tokens - 1:
+        raise PlanError(f"{field}: {window} exceeds the layer's tokens - 1 = {num_tokens - 1}")
+
+
+def _check_layers(plan: Plan) -> None:
+    if plan.layers is None:
+        return
+    if len(plan.layers) != plan.model.num_layers:
+        raise PlanError(
+            f"$.layers: {len(plan.layers)} entries, model.num_layers is {plan.model.num_layers}"
+        )
+    frames = plan.tokens.frames
+    for i, layer in enumerate(plan.layers):
+        expected = plan.tokens.num_tokens if layer.kind == "spatial" else frames
+        if layer.num_tokens != expected:
+            source = "tokens.num_tokens" if layer.kind == "spatial" else "tokens.frames"
+            raise PlanError(
+                f"$.layers[{i}].num_tokens: a {layer.kind} layer attends over {source} = "
+                f"{expected}, got {layer.num_tokens}"
+            )
 
 
 def json_schema() -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from schemas import SCHEMA_VERSION, ModelInfo, Plan, Sampling, Tokens, config_hash, summarize
+from schemas import SCHEMA_VERSION, Layer, ModelInfo, Plan, Sampling, Tokens, config_hash, summarize
 
 
 def plan_for(
@@ -15,6 +15,8 @@ def plan_for(
     window: int = 8,
     cfg: bool = True,
     cfg_order: str | None = "uncond_cond",
+    layers: list[Layer] | None = None,
+    frames: int | None = None,
 ) -> Plan:
     """A plan with ``methods`` that matches ``model`` (a tiny diffusers transformer)."""
     attn = model.transformer_blocks[0].attn1
@@ -25,11 +27,11 @@ def plan_for(
             class_name=type(model).__name__,
             name="tiny",
             config_hash=config_hash(dict(model.config)),
-            num_layers=len(model.transformer_blocks),
+            num_layers=len(methods[0]),
             num_heads=attn.heads,
             head_dim=attn.to_q.out_features // attn.heads,
         ),
-        tokens=Tokens(num_tokens=num_tokens),
+        tokens=Tokens(num_tokens=num_tokens, frames=frames),
         sampling=Sampling(
             scheduler="DPMSolverMultistepScheduler",
             num_steps=len(methods),
@@ -38,7 +40,8 @@ def plan_for(
         ),
         window=window,
         methods=methods,
-        summary=summarize(methods, num_tokens, window),
+        summary=summarize(methods, num_tokens, window, layers),
+        layers=layers,
     )
 
 

@@ -8,6 +8,8 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
+    LattePipeline,
+    LatteTransformer3DModel,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
@@ -110,5 +112,35 @@ def tiny_pixart_alpha_pipeline(seed: int = 0) -> PixArtAlphaPipeline:
         text_encoder=tiny_text_encoder(seed),
         vae=tiny_vae(seed),
         transformer=tiny_pixart_transformer(seed),
+        scheduler=DPMSolverMultistepScheduler(),
+    ).to("cpu")
+
+
+FRAMES = 4
+
+
+def tiny_latte_transformer(seed: int = 0, *, layers: int = 2, sample_size: int = 8) -> LatteTransformer3DModel:
+    torch.manual_seed(seed)
+    return LatteTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        sample_size=sample_size,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=CAPTION_DIM,
+        norm_type="ada_norm_single",
+        video_length=FRAMES,
+    ).eval()
+
+
+def tiny_latte_pipeline(seed: int = 0) -> LattePipeline:
+    return LattePipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=tiny_text_encoder(seed),
+        vae=tiny_vae(seed),
+        transformer=tiny_latte_transformer(seed),
         scheduler=DPMSolverMultistepScheduler(),
     ).to("cpu")

@@ -26,8 +26,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
 class ReferenceRun:
     """Plays a method grid on a model through plain attention processors."""
 
-    def __init__(self, methods: list[list[str]], window: int, cond_first: bool) -> None:
-        self.methods, self.window, self.cond_first = methods, window, cond_first
+    def __init__(self, methods: list[list[str]], window: int | list[int], cond_first: bool) -> None:
+        layers = len(methods[0])
+        self.windows = window if isinstance(window, list) else [window] * layers
+        self.methods, self.cond_first = methods, cond_first
         self.step = 0
         self.residual: dict[int, torch.Tensor] = {}  # [cond rows | all rows] per layer
         self.output: dict[int, torch.Tensor] = {}
@@ -43,11 +45,21 @@ class ReferenceRun:
         return _Processor(self, layer)
 
     def install(self, model: torch.nn.Module) -> list[Any]:
+        """Install on ``attn1`` of every block; video models alternate spatial, temporal."""
+        layers = [block.attn1 for block in model.transformer_blocks]
+        temporal = getattr(model, "temporal_transformer_blocks", None)
+        if temporal is not None:
+            layers = [a for pair in zip(layers, (b.attn1 for b in temporal)) for a in pair]
         originals = []
-        for i, block in enumerate(model.transformer_blocks):
-            originals.append(block.attn1.processor)
-            block.attn1.set_processor(self.processor(i))
+        for i, attn in enumerate(layers):
+            originals.append(attn.processor)
+            attn.set_processor(self.processor(i))
+        self.layers = layers
         return originals
+
+    def uninstall(self, originals: list[Any]) -> None:
+        for attn, original in zip(self.layers, originals):
+            attn.set_processor(original)
 
 
 class _Processor:
@@ -70,7 +82,7 @@ class _Processor:
 
         q, k, v = (split(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
         full = dense_attention(q, k, v, None)
-        win = dense_attention(q, k, v, run.window)
+        win = dense_attention(q, k, v, run.windows[layer])
         if method == "full":
             o = full
             run.residual[layer] = full - win

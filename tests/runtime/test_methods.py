@@ -32,8 +32,7 @@ def reference_outputs(model, kind, methods, window):
             outs.extend(run_steps_at(model, kind, t))
         return outs
     finally:
-        for block, original in zip(model.transformer_blocks, originals):
-            block.attn1.set_processor(original)
+        ref.uninstall(originals)
 
 
 def run_steps_at(model, kind, t):
@@ -84,8 +83,7 @@ def test_wars_asc_takes_the_conditional_rows_residual(kind):
             ref.step = t
             wrong.extend(run_steps_at(model, kind, t))
     finally:
-        for block, original in zip(model.transformer_blocks, originals):
-            block.attn1.set_processor(original)
+        ref.uninstall(originals)
     assert (got[1] - wrong[1]).abs().max() > 1e-4
 
 

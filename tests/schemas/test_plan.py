@@ -178,3 +178,39 @@ def test_invalid_utf8_inside_a_string_is_a_plan_error():
     raw = encode_plan(make_plan()).replace(b'"tool_version": "test"', b'"tool_version": "te\x80st"')
     with pytest.raises(PlanError, match="not UTF-8"):
         decode_plan(raw)
+
+
+def video_plan(**changes) -> schemas.Plan:
+    layers = [schemas.Layer("spatial", 16, 3, sequences=4), schemas.Layer("temporal", 4, 1, sequences=16)]
+    grid = [["full", "full"], ["wars", "wars_asc"]]
+    plan = make_plan(grid, tokens=16)
+    plan = msgspec.structs.replace(
+        plan,
+        tokens=schemas.Tokens(16, frames=4),
+        layers=layers,
+        summary=summarize(grid, 16, 3, layers),
+        losses=None,
+    )
+    return msgspec.structs.replace(plan, **changes)
+
+
+def test_video_plan_round_trips_and_version_stays_1():
+    plan = video_plan()
+    assert decode_plan(encode_plan(plan)) == plan
+    assert plan.schema_version == 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d["layers"].pop(), r"\$\.layers: 1 entries, model.num_layers is 2"),
+        (lambda d: d["layers"][1].__setitem__("num_tokens", 5), r"\$\.layers\[1\]\.num_tokens: a temporal layer"),
+        (lambda d: d["layers"][1].__setitem__("window", 4), r"\$\.layers\[1\]\.window: 4 exceeds"),
+        (lambda d: d["layers"][0].__setitem__("kind", "axial"), r"\$\.layers\[0\]\.kind"),
+    ],
+)
+def test_inconsistent_video_plans_name_the_field(mutate, field):
+    doc = as_doc(video_plan())
+    mutate(doc)
+    with pytest.raises(PlanError, match=field):
+        decode_doc(doc)
