@@ -1,0 +1,226 @@
+"""Calibrate a loaded diffusers pipeline and produce its plan."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import msgspec
+import torch
+
+import runtime
+from planner.calibration import inputs_hash
+from planner.errors import bad_input
+from planner.registry import Family, family_of
+from planner.search import GreedySearch, Progress
+from runtime.apply import self_attention_layers
+from runtime.schedule import Schedule
+from schemas import (
+    SCHEMA_VERSION,
+    Calibration,
+    ModelInfo,
+    Plan,
+    Sampling,
+    Tokens,
+    config_hash,
+    summarize,
+)
+
+DEFAULT_WINDOW_FRAC = 1 / 8
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """One calibration run: the inputs, the sampling settings and the search settings.
+
+    ``height``/``width`` ``None`` take the model's native size; ``window`` ``None``
+    takes ``window_frac`` of the token count. ``calib_batch`` bounds how many
+    prompts go through the transformer at once (losses still cover all of them).
+    """
+
+    name: str
+    inputs: tuple[str, ...] | tuple[int, ...]
+    delta: float
+    steps: int
+    guidance: float
+    height: int | None = None
+    width: int | None = None
+    window: int | None = None
+    window_frac: float = DEFAULT_WINDOW_FRAC
+    seed: int = 0
+    calib_batch: int | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The plan, the calibration trajectory's final pipeline output, and the search time."""
+
+    plan: Plan
+    images: torch.Tensor
+    seconds: float
+
+
+def tool_version() -> str:
+    """The installed ditfastattn version, recorded in every plan."""
+    try:
+        return metadata.version("ditfastattn")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def pipeline_family(pipe: Any) -> Family:
+    """The supported family of a loaded pipeline; refuses other pipeline classes."""
+    return family_of(type(pipe).__name__, "the pipeline")
+
+
+def image_geometry(pipe: Any, height: int | None, width: int | None) -> tuple[int, int, int]:
+    """(num_tokens, height, width) of one generation at the asked size."""
+    config = pipe.transformer.config
+    scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    pixels = scale * config.patch_size  # image pixels per token side
+    native = config.sample_size * scale
+    multiple = pixels
+    if pipeline_family(pipe).inputs == "captions":
+        multiple = math.lcm(pixels, 8)  # PixArt pipelines also need multiples of 8 pixels
+    elif (height or native) != native or (width or native) != native:
+        raise bad_input(
+            f"resolution: {type(pipe.transformer).__name__} generates {native}x{native} only "
+            f"(got {height or native}x{width or native})"
+        )
+    height, width = height or native, width or native
+    if height % multiple or width % multiple:
+        raise bad_input(f"height/width: must be multiples of {multiple} (got {height}x{width})")
+    return (height // pixels) * (width // pixels), height, width
+
+
+def resolve_window(request: BuildRequest, num_tokens: int) -> int:
+    """The window half-width in tokens: as asked, or ``window_frac`` of the token count."""
+    window = request.window if request.window is not None else int(num_tokens * request.window_frac)
+    window = max(window, 1)
+    if window > num_tokens - 1:
+        raise bad_input(
+            f"window: {window} tokens exceeds num_tokens - 1 = {num_tokens - 1} at this resolution"
+        )
+    return window
+
+
+def generation_kwargs(pipe: Any, request: BuildRequest) -> dict[str, Any]:
+    """The pipeline call that generates the calibration batch."""
+    family = pipeline_family(pipe)
+    common = {
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "generator": torch.Generator("cpu").manual_seed(request.seed),
+    }
+    if family.inputs == "classes":
+        return {**common, "class_labels": list(request.inputs), "output_type": "pt"}
+    _, height, width = image_geometry(pipe, request.height, request.width)
+    return {
+        **common,
+        "prompt": list(request.inputs),
+        "negative_prompt": "",
+        "height": height,
+        "width": width,
+        "output_type": "latent",
+        **family.call_kwargs,
+    }
+
+
+def _check_inputs(pipe: Any, request: BuildRequest) -> None:
+    if not request.inputs:
+        raise bad_input("prompts: the calibration set is empty")
+    classes = pipeline_family(pipe).inputs == "classes"
+    if classes != all(isinstance(x, int) for x in request.inputs):
+        kind = "class ids" if classes else "captions"
+        raise bad_input(f"prompts: {type(pipe).__name__} is calibrated on {kind}")
+    count = getattr(pipe.transformer.config, "num_embeds_ada_norm", None)
+    if classes and count is not None:
+        for c in request.inputs:
+            if c >= count:
+                raise bad_input(f"classes: class id {c} is out of range (the model has {count})")
+
+
+def draft_plan(pipe: Any, request: BuildRequest) -> Plan:
+    """The all-``full`` plan carrying every header fact of this calibration run."""
+    _check_inputs(pipe, request)
+    transformer = pipe.transformer
+    layers = self_attention_layers(transformer)
+    num_tokens, height, width = image_geometry(pipe, request.height, request.width)
+    window = resolve_window(request, num_tokens)
+    cfg = request.guidance > 1.0
+    grid = [["full"] * len(layers) for _ in range(request.steps)]
+    return Plan(
+        schema_version=SCHEMA_VERSION,
+        tool_version=tool_version(),
+        model=ModelInfo(
+            class_name=type(transformer).__name__,
+            name=request.name,
+            config_hash=config_hash(dict(transformer.config)),
+            num_layers=len(layers),
+            num_heads=layers[0].heads,
+            head_dim=layers[0].to_q.out_features // layers[0].heads,
+        ),
+        tokens=Tokens(num_tokens=num_tokens, height=height, width=width),
+        sampling=Sampling(
+            scheduler=type(pipe.scheduler).__name__,
+            num_steps=request.steps,
+            cfg=cfg,
+            cfg_order=pipeline_family(pipe).cfg_order if cfg else None,
+            guidance_scale=request.guidance,
+        ),
+        window=window,
+        methods=grid,
+        summary=summarize(grid, num_tokens, window),
+        calibration=Calibration(
+            delta=request.delta,
+            metric="rel_l1",
+            prompts_hash=inputs_hash(list(request.inputs)),
+            num_prompts=len(request.inputs),
+            seed=request.seed,
+            search="greedy",
+        ),
+    )
+
+
+def build_plan(pipe: Any, request: BuildRequest, *, progress: Progress | None = None) -> BuildResult:
+    """Search a plan on ``pipe`` by generating the calibration batch under it (DESIGN §2).
+
+    The runtime's own processors run every trial and the trajectory, so the plan
+    is measured exactly as it will execute. ``progress(step, layer, method, loss)``
+    is called once per decided cell. The pipeline is left as it was found.
+    """
+    draft = draft_plan(pipe, request)
+    handle = runtime.apply(draft, pipe)
+    try:
+        handle.runner.schedule = Schedule([list(row) for row in draft.methods], keep_all=True)
+        search = GreedySearch(
+            handle.runner,
+            pipe.transformer,
+            delta=request.delta,
+            calib_batch=request.calib_batch,
+            progress=progress,
+        )
+        start = time.perf_counter()
+        with search.attached():
+            images = pipe(**generation_kwargs(pipe, request)).images
+        seconds = time.perf_counter() - start
+    finally:
+        handle.remove()
+    methods = search.methods
+    plan = msgspec.structs.replace(
+        draft,
+        methods=methods,
+        losses=search.losses,
+        summary=summarize(methods, draft.tokens.num_tokens, draft.window),
+    )
+    return BuildResult(plan=plan, images=images, seconds=seconds)
+
+
+def time_generation(pipe: Any, request: BuildRequest) -> float:
+    """Seconds of one plain generation of the calibration batch (no plan installed)."""
+    start = time.perf_counter()
+    pipe(**generation_kwargs(pipe, request))
+    return time.perf_counter() - start

@@ -1,0 +1,159 @@
+"""Known models: registry names, the diffusers pipelines they use, and their defaults."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from planner.errors import bad_input
+from runtime.apply import PIPELINE_CFG_ORDER
+
+
+@dataclass(frozen=True)
+class Family:
+    """What calibrating a supported diffusers pipeline class needs.
+
+    ``inputs`` says whether the pipeline is conditioned on captions or class ids;
+    ``call_kwargs`` are extra arguments of every calibration call.
+    """
+
+    pipeline: str
+    inputs: Literal["captions", "classes"]
+    guidance: float
+    steps: int = 50
+    scheduler: str = "DPMSolverMultistepScheduler"
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cfg_order(self) -> str:
+        """Row order of the CFG batch this pipeline builds."""
+        return PIPELINE_CFG_ORDER[self.pipeline]
+
+
+# PixArt captions are our own and already clean; the plan fixes the resolution, so the
+# pipeline must not snap it to an aspect-ratio bin.
+_PIXART_CALL = {"use_resolution_binning": False, "clean_caption": False}
+
+FAMILIES: dict[str, Family] = {
+    "PixArtSigmaPipeline": Family("PixArtSigmaPipeline", "captions", 4.5, call_kwargs=_PIXART_CALL),
+    "PixArtAlphaPipeline": Family("PixArtAlphaPipeline", "captions", 4.5, call_kwargs=_PIXART_CALL),
+    "DiTPipeline": Family("DiTPipeline", "classes", 4.0),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to calibrate: where ``from_pretrained`` finds it and its defaults.
+
+    ``resolution`` is ``None`` when it comes from the model's own config.
+    """
+
+    name: str
+    source: str
+    family: Family
+    resolution: int | None = None
+    aliases: tuple[str, ...] = ()
+    local: bool = False
+
+    @property
+    def steps(self) -> int:
+        return self.family.steps
+
+    @property
+    def guidance(self) -> float:
+        return self.family.guidance
+
+
+REGISTRY: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        "pixart-sigma-1k",
+        "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+        FAMILIES["PixArtSigmaPipeline"],
+        1024,
+        aliases=("pixart",),
+    ),
+    ModelSpec(
+        "pixart-sigma-2k", "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", FAMILIES["PixArtSigmaPipeline"], 2048
+    ),
+    ModelSpec("pixart-alpha", "PixArt-alpha/PixArt-XL-2-1024-MS", FAMILIES["PixArtAlphaPipeline"], 1024),
+    ModelSpec("dit-xl-2-256", "facebook/DiT-XL-2-256", FAMILIES["DiTPipeline"], 256, aliases=("dit",)),
+    ModelSpec("dit-xl-2-512", "facebook/DiT-XL-2-512", FAMILIES["DiTPipeline"], 512),
+)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def missing_checkpoint(repo: str) -> str:
+    """The one line that says a hub checkpoint is absent and how to provide it."""
+    return (
+        f"model: checkpoint {repo} is not available locally and the Hugging Face hub cannot be "
+        f"reached; download it into the Hugging Face cache (`hf download {repo}`) or pass "
+        "--model with a local folder holding the pipeline"
+    )
+
+
+def family_of(pipeline_class: str, where: str) -> Family:
+    """The family of a diffusers pipeline class name; refuses unsupported classes."""
+    try:
+        return FAMILIES[pipeline_class]
+    except KeyError:
+        supported = ", ".join(FAMILIES)
+        raise bad_input(
+            f"model: {where} is a {pipeline_class}; supported pipelines are {supported}"
+        ) from None
+
+
+def _pipeline_class(index_file: Path, where: str) -> str:
+    try:
+        name = json.loads(index_file.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise bad_input(f"model: {where} has no readable model_index.json ({exc})") from None
+    return str(name)
+
+
+def resolve_model(text: str) -> ModelSpec:
+    """The model ``--model`` names: a registry name or alias, a local folder, or a hub id."""
+    key = text.strip().lower()
+    for spec in REGISTRY:
+        if key in (spec.name, *spec.aliases) or key == spec.source.lower():
+            return spec
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        family = family_of(_pipeline_class(folder / "model_index.json", text), text)
+        return ModelSpec(text, str(folder.resolve()), family, local=True)
+    if _HUB_ID.match(text):
+        index = cached_file(text, "model_index.json") or _download(text, "model_index.json")
+        if index is None:
+            raise bad_input(missing_checkpoint(text))
+        return ModelSpec(text, text, family_of(_pipeline_class(index, text), text))
+    names = ", ".join(spec.name for spec in REGISTRY)
+    raise bad_input(
+        f"model: unknown model {text!r}; use one of {names}, a local pipeline folder, or a hub id"
+    )
+
+
+def cached_file(repo: str, filename: str) -> Path | None:
+    """A file of a hub repository from the local Hugging Face cache, if it is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _download(repo: str, filename: str) -> Path | None:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except (OSError, ValueError):
+        return None
+
+
+def is_available(spec: ModelSpec) -> bool:
+    """Whether the model's pipeline index is on this machine (local folder or cache)."""
+    if spec.local:
+        return (Path(spec.source) / "model_index.json").is_file()
+    return cached_file(spec.source, "model_index.json") is not None

@@ -1,0 +1,179 @@
+"""The greedy DiTFastAttn search, driven by the pipeline's own transformer calls.
+
+While a real diffusers pipeline generates the calibration batch, every call of its
+transformer (one denoising step ``t``) is intercepted: at ``t >= 1`` the search runs
+trial forwards through the runtime's processors to choose each layer's method, then
+the step's real forward runs under the chosen methods and its output goes back to
+the pipeline, so the trajectory advances under the plan being built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from runtime.runner import Runner
+from runtime.state import GenerationState
+
+CANDIDATES = ("ast", "wars_asc", "wars", "asc")  # most compressive first
+CFG_SHARING = ("wars_asc", "asc")
+
+Progress = Callable[[int, int, str, "float | None"], None]
+
+
+def rel_l1_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """Sum and count of ``clip(|a - b| / (max(|a|, |b|) + 1e-6), 0, 10)`` over all elements."""
+    a, b = a.float(), b.float()
+    err = ((a - b).abs() / (torch.maximum(a.abs(), b.abs()) + 1e-6)).clamp(0.0, 10.0)
+    return float(err.sum(dtype=torch.float64)), err.numel()
+
+
+def rel_l1(outputs: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """Relative L1 over a whole batch given in chunks: the mean over every element."""
+    total, count = 0.0, 0
+    for out, ref in zip(outputs, references):
+        s, n = rel_l1_terms(out, ref)
+        total, count = total + s, count + n
+    return total / count
+
+
+class Chunks:
+    """The rows of a transformer batch, split into calibration chunks of whole prompts.
+
+    With CFG a batch of ``2B`` rows holds the same ``B`` prompts twice, one half per
+    branch; a chunk takes both halves' rows of its prompts, in the batch's order, so
+    CFG sharing still sees a conditional and an unconditional half.
+    """
+
+    def __init__(self, rows: int, cfg: bool, size: int | None) -> None:
+        self.rows = rows
+        prompts = rows // 2 if cfg else rows
+        size = min(size or prompts, prompts)
+        self.index: list[torch.Tensor] = []
+        for start in range(0, prompts, size):
+            picked = torch.arange(start, min(start + size, prompts))
+            self.index.append(torch.cat([picked, picked + prompts]) if cfg else picked)
+        self.inverse = torch.argsort(torch.cat(self.index))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def split(self, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+        """Per chunk, the call's arguments restricted to its rows."""
+        if len(self) == 1:
+            return [(args, kwargs)]
+        return [
+            (tuple(self._rows(a, idx) for a in args), {k: self._rows(v, idx) for k, v in kwargs.items()})
+            for idx in self.index
+        ]
+
+    def join(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The chunks' outputs as one batch, in the original row order."""
+        if len(outputs) == 1:
+            return outputs[0]
+        joined = torch.cat(outputs)
+        return joined.index_select(0, self.inverse.to(joined.device))
+
+    def _rows(self, value: Any, idx: torch.Tensor) -> Any:
+        if isinstance(value, dict):
+            return {k: self._rows(v, idx) for k, v in value.items()}
+        if torch.is_tensor(value) and value.ndim and value.shape[0] == self.rows:
+            return value.index_select(0, idx.to(value.device))
+        return value
+
+
+class GreedySearch:
+    """Chooses a method per (step, layer) while the pipeline runs (DESIGN §2).
+
+    Writes its choices into ``runner.schedule.methods`` (a ``keep_all`` schedule that
+    starts all ``full``) and the loss of each kept choice into ``losses`` (``None`` where
+    nothing was measured: step 0, and every step when δ = 1 leaves no budget).
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        transformer: torch.nn.Module,
+        *,
+        delta: float,
+        calib_batch: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.runner = runner
+        self.transformer = transformer
+        self.delta = delta
+        self.calib_batch = calib_batch
+        self.progress = progress
+        self.methods = runner.schedule.methods
+        self.num_layers = len(self.methods[0])
+        self.losses: list[list[float | None]] = [[None] * self.num_layers for _ in self.methods]
+        self.candidates = tuple(m for m in CANDIDATES if runner.cfg or m not in CFG_SHARING)
+        self._original = transformer.forward
+        self._chunks: Chunks | None = None
+        self._states: list[GenerationState] = []
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        """Route the transformer's forward through the search for the duration of the block."""
+        self.transformer.forward = self._forward
+        try:
+            yield
+        finally:
+            del self.transformer.forward
+            self._chunks, self._states = None, []
+
+    # -- one denoising step --------------------------------------------------
+    def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        runner = self.runner
+        outer, step = runner.state, runner.state.step
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self._chunks is None:
+            self._chunks = Chunks(hidden.shape[0], runner.cfg, self.calib_batch)
+            self._states = [GenerationState() for _ in range(len(self._chunks))]
+        parts = self._chunks.split(args, kwargs)
+        try:
+            if step > 0 and self.delta < 1.0:
+                self._decide(step, parts)
+            else:  # step 0 stays full; δ = 1 leaves no budget to spend
+                for layer in range(self.num_layers):
+                    self._report(step, layer)
+            sample = self._chunks.join(self._run(step, parts, None))
+        finally:
+            runner.state = outer
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    def _decide(self, step: int, parts: list[tuple[tuple, dict]]) -> None:
+        layers = self.num_layers
+        reference = self._run(step, parts, {i: "full" for i in range(layers)})
+        loss = 0.0  # loss of the current choices: all full so far
+        for layer in range(layers):
+            budget = (layer + 1) / layers * (1.0 - self.delta)
+            for candidate in self.candidates:
+                trial = rel_l1(self._run(step, parts, {layer: candidate}), reference)
+                if trial <= budget:
+                    self.methods[step][layer], loss = candidate, trial
+                    break
+            self.losses[step][layer] = loss
+            self._report(step, layer)
+
+    def _run(
+        self, step: int, parts: list[tuple[tuple, dict]], overrides: dict[int, str] | None
+    ) -> list[torch.Tensor]:
+        """Outputs per chunk at ``step``: a trial with ``overrides``, or the real forward."""
+        runner, outputs = self.runner, []
+        for state, (args, kwargs) in zip(self._states, parts):
+            runner.state, state.step = state, step
+            if overrides is None:
+                outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
+            else:
+                with runner.trying(overrides):
+                    outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
+        return outputs
+
+    def _report(self, step: int, layer: int) -> None:
+        if self.progress is not None:
+            self.progress(step, layer, self.methods[step][layer], self.losses[step][layer])
