@@ -21,6 +21,7 @@ from runtime.schedule import Schedule
 from schemas import (
     SCHEMA_VERSION,
     Calibration,
+    Layer,
     ModelInfo,
     Plan,
     Sampling,
@@ -107,6 +108,27 @@ def resolve_window(request: BuildRequest, num_tokens: int) -> int:
     return window
 
 
+def video_frames(pipe: Any) -> int | None:
+    """Frames per video for video DiTs (the transformer's ``video_length``), else ``None``."""
+    if getattr(pipe.transformer, "temporal_transformer_blocks", None) is None:
+        return None
+    return int(pipe.transformer.config.video_length)
+
+
+def layer_entries(pipe: Any, num_tokens: int, window: int, window_frac: float) -> list[Layer] | None:
+    """Per-layer kind, tokens and window of a video DiT: spatial over a frame's tokens,
+    temporal over the frames (window ``window_frac`` of them, at least 1)."""
+    frames = video_frames(pipe)
+    if frames is None:
+        return None
+    temporal_window = min(max(1, int(frames * window_frac)), max(frames - 1, 1))
+    pair = [
+        Layer("spatial", num_tokens, window, sequences=frames),
+        Layer("temporal", frames, temporal_window, sequences=num_tokens),
+    ]
+    return pair * len(pipe.transformer.transformer_blocks)
+
+
 def generation_kwargs(pipe: Any, request: BuildRequest) -> dict[str, Any]:
     """The pipeline call that generates the calibration batch."""
     family = pipeline_family(pipe)
@@ -125,6 +147,7 @@ def generation_kwargs(pipe: Any, request: BuildRequest) -> dict[str, Any]:
         "height": height,
         "width": width,
         "output_type": "latent",
+        **({"video_length": video_frames(pipe)} if video_frames(pipe) else {}),
         **family.call_kwargs,
     }
 
@@ -152,6 +175,7 @@ def draft_plan(pipe: Any, request: BuildRequest) -> Plan:
     window = resolve_window(request, num_tokens)
     cfg = request.guidance > 1.0
     grid = [["full"] * len(layers) for _ in range(request.steps)]
+    entries = layer_entries(pipe, num_tokens, window, request.window_frac)
     return Plan(
         schema_version=SCHEMA_VERSION,
         tool_version=tool_version(),
@@ -163,7 +187,7 @@ def draft_plan(pipe: Any, request: BuildRequest) -> Plan:
             num_heads=layers[0].heads,
             head_dim=layers[0].to_q.out_features // layers[0].heads,
         ),
-        tokens=Tokens(num_tokens=num_tokens, height=height, width=width),
+        tokens=Tokens(num_tokens=num_tokens, height=height, width=width, frames=video_frames(pipe)),
         sampling=Sampling(
             scheduler=type(pipe.scheduler).__name__,
             num_steps=request.steps,
@@ -173,7 +197,8 @@ def draft_plan(pipe: Any, request: BuildRequest) -> Plan:
         ),
         window=window,
         methods=grid,
-        summary=summarize(grid, num_tokens, window),
+        summary=summarize(grid, num_tokens, window, entries),
+        layers=entries,
         calibration=Calibration(
             delta=request.delta,
             metric="rel_l1",
@@ -205,7 +230,8 @@ def build_plan(pipe: Any, request: BuildRequest, *, progress: Progress | None = 
         )
         start = time.perf_counter()
         with search.attached():
-            images = pipe(**generation_kwargs(pipe, request)).images
+            output = pipe(**generation_kwargs(pipe, request))
+            images = output.frames if video_frames(pipe) else output.images
         seconds = time.perf_counter() - start
     finally:
         handle.remove()
@@ -214,7 +240,7 @@ def build_plan(pipe: Any, request: BuildRequest, *, progress: Progress | None = 
         draft,
         methods=methods,
         losses=search.losses,
-        summary=summarize(methods, draft.tokens.num_tokens, draft.window),
+        summary=summarize(methods, draft.tokens.num_tokens, draft.window, draft.layers),
     )
     return BuildResult(plan=plan, images=images, seconds=seconds)
 

@@ -41,6 +41,7 @@ FAMILIES: dict[str, Family] = {
     "PixArtSigmaPipeline": Family("PixArtSigmaPipeline", "captions", 4.5, call_kwargs=_PIXART_CALL),
     "PixArtAlphaPipeline": Family("PixArtAlphaPipeline", "captions", 4.5, call_kwargs=_PIXART_CALL),
     "DiTPipeline": Family("DiTPipeline", "classes", 4.0),
+    "LattePipeline": Family("LattePipeline", "captions", 7.5, call_kwargs={"clean_caption": False}),
 }
 
 
@@ -81,6 +82,7 @@ REGISTRY: tuple[ModelSpec, ...] = (
     ModelSpec("pixart-alpha", "PixArt-alpha/PixArt-XL-2-1024-MS", FAMILIES["PixArtAlphaPipeline"], 1024),
     ModelSpec("dit-xl-2-256", "facebook/DiT-XL-2-256", FAMILIES["DiTPipeline"], 256, aliases=("dit",)),
     ModelSpec("dit-xl-2-512", "facebook/DiT-XL-2-512", FAMILIES["DiTPipeline"], 512),
+    ModelSpec("latte-1", "maxin-cn/Latte-1", FAMILIES["LattePipeline"], 512, aliases=("latte",)),
 )
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -9,7 +9,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from schemas import METHODS, Plan, method_cost
+from schemas import METHODS, Plan, layer_weight, method_cost, plan_layers
 
 # One letter and colour per method: A = sharing across timesteps, C = across CFG halves,
 # W = window + residual, B = both window and CFG sharing.
@@ -45,7 +45,7 @@ def _facts_table(plan: Plan) -> Table:
     rows = [
         ("model", f"{model.name} ({model.class_name})"),
         ("layers", f"{model.num_layers} x {model.num_heads} heads x {model.head_dim}"),
-        ("tokens", f"{tokens.num_tokens}{size}, window ±{plan.window}"),
+        ("tokens", _tokens_fact(plan, size)),
         ("sampling", f"{sampling.scheduler}, {sampling.num_steps} steps, CFG {cfg}"),
     ]
     calibration = plan.calibration
@@ -65,6 +65,17 @@ def _facts_table(plan: Plan) -> Table:
     return table
 
 
+def _tokens_fact(plan: Plan, size: str) -> str:
+    tokens = plan.tokens
+    if plan.layers is None:
+        return f"{tokens.num_tokens}{size}, window ±{plan.window}"
+    temporal = next((layer for layer in plan.layers if layer.kind == "temporal"), None)
+    text = f"{tokens.num_tokens} per frame{size}, window ±{plan.window}"
+    if temporal is not None:
+        text += f"; {tokens.frames} frames, temporal window ±{temporal.window}"
+    return text
+
+
 def method_counts(counts: dict[str, int]) -> Text:
     text = Text()
     for method in METHODS:
@@ -79,31 +90,42 @@ def grid(plan: Plan) -> Table:
     """One row per step, one coloured letter per layer, and the step's attention FLOPs."""
     table = Table(box=None, padding=(0, 1), show_edge=False)
     table.add_column("step", justify="right", style="bold")
-    table.add_column(f"layers 0 … {plan.model.num_layers - 1}")
+    layers = plan_layers(plan)
+    video = plan.layers is not None
+    heading = f"layers 0 … {plan.model.num_layers - 1}"
+    table.add_column(heading)
     table.add_column("FLOPs", justify="right")
-    n, w = plan.tokens.num_tokens, plan.window
+    weights = [layer_weight(layer) for layer in layers]
     for t, row in enumerate(plan.methods):
         letters = Text()
-        for method in row:
+        for i, method in enumerate(row):
             letter, style = METHOD_STYLE[method]
+            if video and layers[i].kind == "temporal":
+                letter = letter.lower()  # temporal layers in lower case
             letters.append(letter, style=style)
-        kept = sum(method_cost(m, n, w) for m in row) / len(row)
+            if video and layers[i].kind == "temporal" and i + 1 < len(row):
+                letters.append(" ")
+        kept = sum(
+            w * method_cost(m, layer.num_tokens, layer.window) for m, layer, w in zip(row, layers, weights)
+        ) / sum(weights)
         table.add_row(str(t), letters, percent(kept))
     return table
 
 
-def legend() -> Text:
+def legend(video: bool = False) -> Text:
     text = Text("legend: ")
     for method in METHODS:
         letter, style = METHOD_STYLE[method]
         text.append(letter, style=style)
         text.append(f" {method}  ")
+    if video:
+        text.append("(upper case: spatial layer, lower case: temporal layer)")
     return text
 
 
 def render_plan(plan: Plan) -> Group:
     """The header facts, the grid and its legend."""
-    return Group(_facts_table(plan), Text(), grid(plan), legend())
+    return Group(_facts_table(plan), Text(), grid(plan), legend(plan.layers is not None))
 
 
 def build_summary(plan: Plan, output: str, seconds: float, plain_seconds: float | None) -> Table:
