@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test clean
+.PHONY: setup test demo clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+# Calibrate a plan for the embedded PixArt digits model, show it, and evaluate it.
+DEMO_PLAN := build/demo-plan.json
+
+demo: setup
+	mkdir -p build
+	$(VENV)/bin/planner build --model pixart-digits --delta 0.9 --output $(DEMO_PLAN)
+	$(VENV)/bin/planner show $(DEMO_PLAN)
+	$(VENV)/bin/planner eval $(DEMO_PLAN) --save-grid build/demo-grid.png
 
 clean:
 	rm -rf $(VENV)

@@ -140,6 +140,25 @@ def build(
         "--baseline/--no-baseline",
         help="Also time one plain generation, to compare the search with.",
     ),
+    search: str | None = typer.Option(
+        None,
+        help="greedy: the faithful search (default); profile: profile once, then compile the plan.",
+    ),
+    lags: int | None = typer.Option(
+        None, help="With --search profile: how many steps back caches are measured (default: 4)."
+    ),
+    probes: str | None = typer.Option(
+        None, help="With --search profile: methods probed for each layer's gain (default: ast)."
+    ),
+    combine: str | None = typer.Option(
+        None,
+        help="With a profile: how a step's layer losses add up, sum (default: an upper bound) or rss.",
+    ),
+    from_profile: Path | None = typer.Option(
+        None,
+        "--from-profile",
+        help="Compile the plan from this profile (see `planner profile`) without running the model.",
+    ),
     config: Path | None = typer.Option(
         None, "--config", help="TOML file of settings (same names); options given here override it."
     ),
@@ -147,9 +166,14 @@ def build(
 ) -> None:
     """Search a plan on a model's calibration batch and write it (DESIGN §2)."""
     options = dict(locals())
-    for key in ("ctx", "config", "quiet"):
+    for key in ("ctx", "config", "quiet", "from_profile"):
         options.pop(key)
     with reported(ctx):
+        if from_profile is not None:
+            if config is not None:
+                raise PlannerError("config: settings are fixed by the profile with --from-profile", exit_code=2)
+            run_compile(from_profile, options, quiet=quiet)
+            return
         from planner.settings import load_settings
 
         settings = load_settings(options, config)
@@ -174,6 +198,9 @@ def run_build(settings: BuildSettings, *, quiet: bool) -> None:
     with err.status(f"loading {spec.name} on {device} ({str(dtype).removeprefix('torch.')})"):
         pipe = load_pipeline(spec, device, dtype)
     draft = draft_plan(pipe, request)  # refuses bad settings before any progress is shown
+    if settings.search == "profile":
+        run_profile_search(pipe, request, settings, quiet=quiet)
+        return
     with Progress(
         TextColumn("searching"),
         BarColumn(),
@@ -198,6 +225,267 @@ def run_build(settings: BuildSettings, *, quiet: bool) -> None:
         return
     plain = time_generation(pipe, request) if settings.baseline else None
     out.print(build_summary(result.plan, str(settings.output), result.seconds, plain))
+
+
+# ---------------------------------------------------------------------------
+# profile once, compile many
+
+PAPER_DELTAS = "0.975,0.95,0.925,0.9,0.875,0.85"
+
+
+@app.command()
+def profile(
+    ctx: typer.Context,
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Registry name (see `planner models`), local pipeline folder or hub id.",
+    ),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Where to write the profile (msgpack)."),
+    steps: int | None = typer.Option(None, help="Denoising steps (default: the model's)."),
+    height: int | None = typer.Option(None, help="Image height in pixels (default: the model's)."),
+    width: int | None = typer.Option(None, help="Image width in pixels (default: the model's)."),
+    resolution: int | None = typer.Option(None, help="Square image size; instead of --height/--width."),
+    guidance: float | None = typer.Option(
+        None, help="CFG guidance scale; <= 1 turns CFG off (default: the model's)."
+    ),
+    window: int | None = typer.Option(None, help="Window half-width w in tokens."),
+    window_frac: float | None = typer.Option(
+        None, help="Window half-width as a fraction of the token count (default: 1/8)."
+    ),
+    prompts: Path | None = typer.Option(
+        None, help="Calibration captions, one per line (default: the model's or the built-in set)."
+    ),
+    num_prompts: int | None = typer.Option(None, help="Use the first N captions or class ids."),
+    classes: str | None = typer.Option(None, help="DiT class ids, comma-separated."),
+    calib_batch: int | None = typer.Option(
+        None, help="Prompts per transformer call, to bound memory (default: all at once)."
+    ),
+    seed: int | None = typer.Option(None, help="Seed of the calibration latents (default: 0)."),
+    lags: int | None = typer.Option(
+        None, help="How many steps back each cache is measured; plans never reuse older ones (default: 4)."
+    ),
+    probes: str | None = typer.Option(
+        None, help="Methods tried per layer and step to measure its gain, comma-separated (default: ast)."
+    ),
+    device: str | None = typer.Option(
+        None, help="Torch device (default: cuda when available, else cpu)."
+    ),
+    dtype: str | None = typer.Option(
+        None, help="auto, float32, float16 or bfloat16 (default: auto = float16 on cuda, else float32)."
+    ),
+    baseline: bool | None = typer.Option(
+        None, "--baseline/--no-baseline", help="Also time one plain generation, to compare with."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML file of settings (same names as build); options given here override it."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+) -> None:
+    """Measure a model once on its calibration batch; `build --from-profile` compiles plans from it."""
+    options = dict(locals())
+    for key in ("ctx", "config", "quiet"):
+        options.pop(key)
+    with reported(ctx):
+        from planner.settings import load_settings
+
+        settings = load_settings({**options, "delta": 1.0, "search": "profile"}, config)
+        run_profile(settings, quiet=quiet)
+
+
+def _profile_with_progress(pipe, request, settings: BuildSettings, *, quiet: bool):
+    """Profile ``pipe`` on the calibration batch, with a progress bar."""
+    from planner.profile import profile_model
+    from runtime.apply import self_attention_layers
+
+    with Progress(
+        TextColumn("profiling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("step {task.fields[step]}/{task.fields[steps]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+        transient=True,
+    ) as bar:
+        layers = len(self_attention_layers(pipe.transformer))
+        task = bar.add_task("profile", total=request.steps * layers, step=0, steps=request.steps)
+
+        def advance(step: int, layer: int) -> None:
+            bar.update(task, advance=1, step=step + 1)
+
+        return profile_model(
+            pipe, request, lags=settings.lags, probes=tuple(settings.probes), progress=advance
+        )
+
+
+def _load_for(settings: BuildSettings):
+    """The model's pipeline and the calibration request the settings ask for."""
+    from planner.loading import load_pipeline, quiet_libraries, resolve_device, resolve_dtype
+    from planner.output import check_writable
+    from planner.registry import resolve_model
+    from planner.settings import build_request
+
+    quiet_libraries()
+    spec = resolve_model(settings.model)
+    check_writable(settings.output)
+    request = build_request(settings, spec)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    with err.status(f"loading {spec.name} on {device} ({str(dtype).removeprefix('torch.')})"):
+        pipe = load_pipeline(spec, device, dtype)
+    return pipe, request
+
+
+def run_profile(settings: BuildSettings, *, quiet: bool) -> None:
+    """Load the model, profile it with a progress bar, write the profile, and summarize."""
+    from planner.build import draft_plan, time_generation
+    from planner.profile import write_profile
+
+    pipe, request = _load_for(settings)
+    draft_plan(pipe, request)  # refuses bad settings before any progress is shown
+    result = _profile_with_progress(pipe, request, settings, quiet=quiet)
+    size = write_profile(result.profile, settings.output)
+    if quiet:
+        return
+    plain = time_generation(pipe, request) if settings.baseline else None
+    p = result.profile
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("measured", f"{p.sampling.num_steps} steps x {p.model.num_layers} layers, lags 1…{p.lags}")
+    table.add_row("probes", ", ".join(p.measurements.loss))
+    timing = f"{result.seconds:.2f} s"
+    if plain:
+        timing += f" ({result.seconds / plain:.1f}x one plain generation of {plain:.2f} s)"
+    table.add_row("profile time", timing)
+    table.add_row("profile", f"{settings.output} ({size / 1024:.1f} KiB)")
+    out.print(table)
+
+
+def run_profile_search(pipe, request, settings: BuildSettings, *, quiet: bool) -> None:
+    """``build --search profile``: profile, then compile the plan for the settings' δ."""
+    import time
+
+    from planner.build import time_generation
+    from planner.compile import compile_plan
+    from planner.output import write_plan
+    from planner.report import build_summary
+
+    result = _profile_with_progress(pipe, request, settings, quiet=quiet)
+    start = time.perf_counter()
+    plan = compile_plan(result.profile, settings.delta, combine=settings.combine)
+    seconds = result.seconds + time.perf_counter() - start
+    write_plan(plan, settings.output)
+    if quiet:
+        return
+    plain = time_generation(pipe, request) if settings.baseline else None
+    out.print(build_summary(plan, str(settings.output), seconds, plain))
+
+
+def run_compile(profile_file: Path, options: dict, *, quiet: bool) -> None:
+    """``build --from-profile``: compile the plan for δ, check it fits ``--model`` if given, write it."""
+    import time
+
+    from planner.compile import COMBINE, compile_plan, load_profile
+    from planner.errors import bad_input
+    from planner.output import check_writable, write_plan
+    from planner.report import build_summary
+
+    fixed = [k for k, v in options.items() if v is not None and k not in ("model", "delta", "output", "combine")]
+    if fixed:
+        name = fixed[0].replace("_", "-")
+        raise bad_input(f"{fixed[0]}: --{name} is fixed by the profile; it cannot be given with --from-profile")
+    if options["delta"] is None:
+        raise bad_input("delta: required (give --delta)")
+    combine = options["combine"] or "sum"
+    if combine not in COMBINE:
+        raise bad_input(f"combine: use sum or rss (got {combine!r})")
+    if options["output"] is None:
+        raise bad_input("output: required (give --output)")
+    output = Path(options["output"])
+    check_writable(output)
+    profile_data = load_profile(profile_file)
+    start = time.perf_counter()
+    plan = compile_plan(profile_data, options["delta"], combine=combine)
+    seconds = time.perf_counter() - start
+    if options["model"] is not None:
+        check_fit(plan, options["model"])
+    write_plan(plan, output)
+    if not quiet:
+        out.print(build_summary(plan, str(output), seconds, None))
+
+
+@app.command()
+def sweep(
+    ctx: typer.Context,
+    from_profile: Path = typer.Option(..., "--from-profile", help="The profile to compile from."),
+    deltas: str = typer.Option(PAPER_DELTAS, "--deltas", help="Comma-separated δ values (default: D1…D6)."),
+    output_dir: Path | None = typer.Option(
+        None, "--output-dir", "-o", help="Folder to write plan-<δ>.json into (default: print only)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Also check that the plans fit this model (its config is enough)."
+    ),
+    combine: str = typer.Option(
+        "sum", help="How a step's layer losses add up: sum (an upper bound) or rss."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """Compile one plan per δ from a profile and tabulate the attention FLOPs each keeps."""
+    with reported(ctx):
+        import time
+
+        from planner.compile import COMBINE, compile_plans, load_profile, parse_deltas
+        from planner.errors import bad_input
+        from planner.output import write_plan
+        from planner.report import METHOD_STYLE, legend, percent
+        from schemas import METHODS
+
+        if combine not in COMBINE:
+            raise bad_input(f"combine: use sum or rss (got {combine!r})")
+        values = parse_deltas(deltas)
+        if output_dir is not None and not output_dir.is_dir():
+            raise bad_input(f"output_dir: folder {str(output_dir)!r} does not exist")
+        profile_data = load_profile(from_profile)
+        start = time.perf_counter()
+        plans = compile_plans(profile_data, values, combine=combine)  # type: ignore[arg-type]
+        seconds = time.perf_counter() - start
+        if model is not None:
+            check_fit(plans[0], model)
+        files = [output_dir / f"plan-{d:g}.json" if output_dir else None for d in values]
+        for plan, path in zip(plans, files):
+            if path is not None:
+                write_plan(plan, path)
+        if as_json:
+            rows = [
+                {
+                    "delta": d,
+                    "attention_flops_fraction": p.summary.attention_flops_fraction,
+                    "method_counts": p.summary.method_counts,
+                    "plan": str(f) if f else None,
+                }
+                for d, p, f in zip(values, plans, files)
+            ]
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            return
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("δ", "attention FLOPs kept", "methods", "plan"):
+            table.add_column(column, justify="left" if column in ("methods", "plan") else "right",
+                             no_wrap=column != "plan", overflow="fold")  # fmt: skip
+        for d, p, f in zip(values, plans, files):
+            counts = Text()
+            for method in METHODS:
+                if p.summary.method_counts.get(method):
+                    letter, style = METHOD_STYLE[method]
+                    counts.append(f"{letter}", style=style).append(f"{p.summary.method_counts[method]} ")
+            table.add_row(f"{d:g}", percent(p.summary.attention_flops_fraction), counts, str(f) if f else "-")
+        out.print(table)
+        out.print(legend())
+        out.print(f"compiled {len(plans)} plans in {seconds * 1000:.0f} ms from {from_profile}")
 
 
 # ---------------------------------------------------------------------------
@@ -267,12 +555,116 @@ def check_fit(plan: Plan, model: str) -> str:
     return spec.name
 
 
-@app.command()
-def schema() -> None:
-    """Print the JSON Schema of the plan format."""
-    from schemas import json_schema
+# ---------------------------------------------------------------------------
+# evaluating plans
 
-    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+@app.command("eval")
+def evaluate_plan(
+    ctx: typer.Context,
+    plan_file: Path = typer.Argument(..., metavar="PLAN.json", help="The plan to evaluate."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Model to run it on (default: the one named in the plan)."
+    ),
+    num_samples: int = typer.Option(
+        20, "--num-samples", "-n", help="Samples from the held-out prompts or classes, cycled."
+    ),
+    seed: int | None = typer.Option(
+        None, help="Seed of sample 0; sample i uses seed + i (default: calibration seed + 1000)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, min=1, help="Samples per pipeline call, to bound memory (default: all at once)."
+    ),
+    repeats: int = typer.Option(
+        1, min=1, help="Time each batch this many times per run and keep the fastest."
+    ),
+    device: str | None = typer.Option(None, help="Torch device (default: cuda when available, else cpu)."),
+    dtype: str = typer.Option(
+        "auto", help="auto, float32, float16 or bfloat16 (auto = float16 on cuda, else float32)."
+    ),
+    save_grid: Path | None = typer.Option(
+        None, "--save-grid", help="Write a PNG: raw samples in the top row, planned below."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON instead of a table."),
+) -> None:
+    """Generate held-out samples with and without a plan; report accuracy, fidelity and cost."""
+    with reported(ctx):
+        run_eval(plan_file, model, num_samples, seed, batch_size, repeats, device, dtype, save_grid, as_json)
+
+
+def run_eval(
+    plan_file: Path,
+    model: str | None,
+    num_samples: int,
+    seed: int | None,
+    batch_size: int | None,
+    repeats: int,
+    device_name: str | None,
+    dtype_name: str,
+    save_grid: Path | None,
+    as_json: bool,
+) -> None:
+    """Load the plan and its model, evaluate with a progress bar, and print the figures."""
+    from planner.evaluate import evaluate, eval_inputs, forwards_needed, render
+    from planner.evaluate import save_grid as write_grid
+    from planner.loading import DTYPES, load_pipeline, quiet_libraries, resolve_device, resolve_dtype
+    from planner.registry import resolve_model
+    from runtime.loading import load_plan
+
+    quiet_libraries()
+    plan = load_plan(plan_file)
+    if dtype_name != "auto" and dtype_name not in DTYPES:
+        raise PlannerError(f"dtype: unknown dtype {dtype_name!r}; use auto, {', '.join(DTYPES)}", exit_code=2)
+    if save_grid is not None and not save_grid.parent.is_dir():
+        raise PlannerError(f"save_grid: folder {str(save_grid.parent)!r} does not exist", exit_code=2)
+    spec = resolve_model(model or plan.model.name)
+    inputs = eval_inputs(spec, plan, num_samples, seed)
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    with err.status(f"loading {spec.name} on {device} ({str(dtype).removeprefix('torch.')})"):
+        pipe = load_pipeline(spec, device, dtype)
+    with Progress(
+        TextColumn("generating raw and planned"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("eval", total=forwards_needed(plan, inputs, batch_size, repeats))
+        result = evaluate(
+            pipe, spec, plan, inputs, batch_size=batch_size, repeats=repeats,
+            progress=lambda: bar.advance(task),
+        )  # fmt: skip
+    if save_grid is not None:
+        write_grid(result.raw, result.planned, save_grid)
+    if as_json:
+        facts = {"plan": str(plan_file), **result.as_dict()}
+        sys.stdout.write(json.dumps(facts, indent=2, allow_nan=False) + "\n")
+        return
+    out.print(
+        f"{plan_file}: {len(inputs)} held-out samples of {spec.name}, seeds "
+        f"{inputs.seeds[0]}…{inputs.seeds[-1]}, {plan.sampling.num_steps} steps",
+        soft_wrap=True,
+    )
+    out.print(render(result))
+    if save_grid is not None:
+        out.print(f"grid: {save_grid} (raw above, planned below)")
+
+
+@app.command()
+def schema(
+    profile: bool = typer.Option(False, "--profile", help="The profile format's schema instead."),
+) -> None:
+    """Print the JSON Schema of the plan format (or of the profile format)."""
+    from schemas import json_schema, profile_json_schema
+
+    document = profile_json_schema() if profile else json_schema()
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
 @app.command()

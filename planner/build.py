@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
@@ -40,6 +40,7 @@ class BuildRequest:
     ``height``/``width`` ``None`` take the model's native size; ``window`` ``None``
     takes ``window_frac`` of the token count. ``calib_batch`` bounds how many
     prompts go through the transformer at once (losses still cover all of them).
+    ``call_kwargs`` are the model's own extra pipeline arguments, over its family's.
     """
 
     name: str
@@ -53,6 +54,7 @@ class BuildRequest:
     window_frac: float = DEFAULT_WINDOW_FRAC
     seed: int = 0
     calib_batch: int | None = None
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def generation_kwargs(pipe: Any, request: BuildRequest) -> dict[str, Any]:
         "generator": torch.Generator("cpu").manual_seed(request.seed),
     }
     if family.inputs == "classes":
-        return {**common, "class_labels": list(request.inputs), "output_type": "pt"}
+        return {**common, "class_labels": list(request.inputs), "output_type": "pt", **request.call_kwargs}
     _, height, width = image_geometry(pipe, request.height, request.width)
     return {
         **common,
@@ -149,6 +151,7 @@ def generation_kwargs(pipe: Any, request: BuildRequest) -> dict[str, Any]:
         "output_type": "latent",
         **({"video_length": video_frames(pipe)} if video_frames(pipe) else {}),
         **family.call_kwargs,
+        **request.call_kwargs,
     }
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from planner.embedded import EMBEDDED_MODELS, VIDEO_MODELS, EmbeddedModel
 from planner.errors import bad_input
 from runtime.apply import PIPELINE_CFG_ORDER
 
@@ -49,7 +50,8 @@ FAMILIES: dict[str, Family] = {
 class ModelSpec:
     """A model to calibrate: where ``from_pretrained`` finds it and its defaults.
 
-    ``resolution`` is ``None`` when it comes from the model's own config.
+    ``resolution`` is ``None`` when it comes from the model's own config;
+    ``calibration`` is the model's default calibration set (``None``: the built-in one).
     """
 
     name: str
@@ -58,6 +60,7 @@ class ModelSpec:
     resolution: int | None = None
     aliases: tuple[str, ...] = ()
     local: bool = False
+    calibration: tuple[str, ...] | tuple[int, ...] | None = None
 
     @property
     def steps(self) -> int:
@@ -66,6 +69,20 @@ class ModelSpec:
     @property
     def guidance(self) -> float:
         return self.family.guidance
+
+
+def embedded_spec(model: EmbeddedModel) -> ModelSpec:
+    """The registry entry of a model shipped in ``models/``: its own steps, guidance and prompts."""
+    family = Family(
+        model.pipeline,
+        FAMILIES[model.pipeline].inputs,
+        model.guidance,
+        steps=model.steps,
+        call_kwargs=dict(model.call_kwargs),
+    )
+    return ModelSpec(
+        model.name, str(model.folder), family, model.height, local=True, calibration=model.calibration_prompts
+    )
 
 
 REGISTRY: tuple[ModelSpec, ...] = (
@@ -83,6 +100,7 @@ REGISTRY: tuple[ModelSpec, ...] = (
     ModelSpec("dit-xl-2-256", "facebook/DiT-XL-2-256", FAMILIES["DiTPipeline"], 256, aliases=("dit",)),
     ModelSpec("dit-xl-2-512", "facebook/DiT-XL-2-512", FAMILIES["DiTPipeline"], 512),
     ModelSpec("latte-1", "maxin-cn/Latte-1", FAMILIES["LattePipeline"], 512, aliases=("latte",)),
+    *(embedded_spec(model) for model in (*EMBEDDED_MODELS.values(), *VIDEO_MODELS.values())),
 )
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

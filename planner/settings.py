@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from planner.build import DEFAULT_WINDOW_FRAC, BuildRequest
 from planner.calibration import CAPTIONS, CLASS_IDS, read_prompts, take
 from planner.errors import bad_input
+from planner.profile import DEFAULT_LAGS, DEFAULT_PROBES
 from planner.registry import ModelSpec
 
 if sys.version_info >= (3, 11):
@@ -47,8 +48,12 @@ class BuildSettings(BaseModel):
     device: str | None = None
     dtype: Dtype = "auto"
     baseline: bool = False
+    search: Literal["greedy", "profile"] = "greedy"
+    lags: int = Field(DEFAULT_LAGS, ge=1)
+    probes: list[Literal["ast", "wars_asc", "wars", "asc"]] = Field(list(DEFAULT_PROBES), min_length=1)
+    combine: Literal["sum", "rss"] = "sum"
 
-    @field_validator("classes", mode="before")
+    @field_validator("classes", "probes", mode="before")
     @classmethod
     def _split_classes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -117,14 +122,14 @@ def load_settings(options: dict[str, Any], config: Path | None = None) -> BuildS
 
 
 def calibration_inputs(settings: BuildSettings, spec: ModelSpec) -> tuple[str, ...] | tuple[int, ...]:
-    """Captions or class ids to calibrate ``spec``'s model on: given, or the built-in set."""
+    """Captions or class ids to calibrate ``spec``'s model on: given, the model's own, or the built-in set."""
     if spec.family.inputs == "classes":
         if settings.prompts is not None:
             raise bad_input(f"prompts: {spec.name} is class-conditional; use --classes")
-        return tuple(take(settings.classes or list(CLASS_IDS), settings.num_prompts, "class ids"))
+        return tuple(take(settings.classes or list(spec.calibration or CLASS_IDS), settings.num_prompts, "class ids"))
     if settings.classes is not None:
         raise bad_input(f"classes: {spec.name} is calibrated on captions; use --prompts")
-    captions = read_prompts(settings.prompts) if settings.prompts else list(CAPTIONS)
+    captions = read_prompts(settings.prompts) if settings.prompts else list(spec.calibration or CAPTIONS)
     return tuple(take(captions, settings.num_prompts, "prompts"))
 
 
@@ -143,4 +148,5 @@ def build_request(settings: BuildSettings, spec: ModelSpec) -> BuildRequest:
         window_frac=settings.window_frac or DEFAULT_WINDOW_FRAC,
         seed=settings.seed,
         calib_batch=settings.calib_batch,
+        call_kwargs=dict(spec.family.call_kwargs),
     )

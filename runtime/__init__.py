@@ -5,7 +5,8 @@ Imports torch, msgspec and ``schemas`` only.
 
 from runtime.apply import FastAttnHandle, apply
 from runtime.loading import PLAN_FILENAME, load_plan
+from runtime.recording import Recorder
 from runtime.state import RunStats
 from schemas import Plan, PlanError
 
-__all__ = ["PLAN_FILENAME", "FastAttnHandle", "Plan", "PlanError", "RunStats", "apply", "load_plan"]
+__all__ = ["PLAN_FILENAME", "FastAttnHandle", "Plan", "PlanError", "Recorder", "RunStats", "apply", "load_plan"]

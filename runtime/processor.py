@@ -81,6 +81,8 @@ class FastAttnProcessor:
         if shared:
             out = runner.copy_to_both_halves(out)
         if writes:
+            if method == "full" and runner.recorder is not None and attention_mask is None:
+                runner.recorder.record(runner, layer, q, k, v, o, out, lambda x: _output(attn, x, q.dtype))
             refreshed = refresh and method in ("full", "asc")
             state.count(method, rows_all, num_tokens, window, refreshed)
             if runner.schedule.keeps_output(step, layer):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from runtime.kernels import resolve_window_kernel
+from runtime.recording import Recorder
 from runtime.schedule import Schedule
 from runtime.state import GenerationState, Residual
 from schemas import Layer, PlanError
@@ -18,7 +19,8 @@ class Runner:
     """Executes a ``Schedule`` on one transformer: the single executor of every method.
 
     One transformer forward is one denoising step. During a trial (``trying``) the
-    processors read the caches but write none and the step does not advance.
+    processors read the caches but write none and the step does not advance. With a
+    ``recorder`` set, every ``full`` layer-step that writes is also measured by it.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class Runner:
         self.state = GenerationState()
         self.trial = False
         self.overrides: dict[int, str] = {}
+        self.recorder: Recorder | None = None  # recording mode (runtime/recording.py)
         self._window_kernel = resolve_window_kernel(kernel)
         self._kernel_name = kernel
 

@@ -1,0 +1,271 @@
+"""Compile a plan from a profile for any δ, without running the model.
+
+The rule mirrors the greedy search (DESIGN §2) on predicted losses. Per step
+``t = 1 … T-1`` and layer ``i = 0 … L-1`` in order, the first candidate of ``ast``,
+``wars_asc``, ``wars``, ``asc`` whose predicted loss fits ``(i + 1) / L × (1 − δ)`` is
+kept, else ``full``. A candidate's own loss is predicted as ``gain[t][i] × dist`` and
+added to the loss of the step's earlier choices: ``sum`` (default) adds them, an upper
+bound when errors do not cancel; ``rss`` takes the root of the sum of squares, as for
+independent errors, which usually keeps less attention at the same δ. Here
+
+- ``dist`` is the profile's distance of that method at ``(t, i)`` with the caches the
+  plan being compiled leaves there: for ``ast`` the output of the layer's last
+  computed step, for ``wars``/``wars_asc`` the residual of its last ``full``/``asc``
+  step (``wars_after_asc`` when that was ``asc``). A cache older than the profile's
+  ``lags`` is bounded by chaining measurements (``Predictor.distance``).
+- ``gain[t][i]`` is ``loss / dist`` of the method itself when it was probed, else the
+  mean over the probed methods: the share of a layer's error that reaches the output.
+
+To make the plan monotone in δ, the rule is evaluated at every δ' = 1 − k/1000 with
+δ' ≥ δ, and the plan keeping the least attention FLOPs is chosen (each satisfies δ's
+budgets, which only widen as δ falls). So δ = 1 gives the all-``full`` plan, lower δ
+never keeps more attention, and δ counts to 0.001. Pure Python: no model, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from planner.errors import bad_input
+from schemas import METHODS, Plan, Profile, ProfileError, decode_profile, layer_weight, method_cost, plan_layers
+from schemas.profile import header_plan, profile_calibration
+
+CANDIDATES = ("ast", "wars_asc", "wars", "asc")  # most compressive first, as the search
+CFG_SHARING = ("wars_asc", "asc")
+# profile measure -> the method it predicts
+MEASURES = {"ast": "ast", "wars_asc": "wars_asc", "wars": "wars", "wars_after_asc": "wars", "asc": "asc"}
+RESOLUTION = 1000  # δ is compiled on the grid 1 - k / RESOLUTION
+Combine = Literal["sum", "rss"]
+COMBINE: tuple[str, ...] = ("sum", "rss")
+SEARCH_NAMES = {"sum": "profile", "rss": "profile-rss"}  # the plan's calibration.search
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("ditfastattn")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The methods of one compiled grid and the predicted loss of each kept decision."""
+
+    methods: list[list[str]]
+    losses: list[list[float | None]]
+    flops: float
+
+
+class Predictor:
+    """Predicted output losses of every candidate at every (step, layer, cache age)."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        m = profile.measurements
+        self.steps, self.layers, self.lags = profile.sampling.num_steps, profile.model.num_layers, profile.lags
+        self.candidates = tuple(c for c in CANDIDATES if profile.sampling.cfg or c not in CFG_SHARING)
+        self.by_lag = {"ast": m.ast, "wars": m.wars, "wars_after_asc": m.wars_after_asc, "wars_asc": m.wars_asc}
+        self._chained: dict[tuple[str, int, int, int], float | None] = {}
+        self.gains = [[self._gain(t, i) for i in range(self.layers)] for t in range(self.steps)]
+        # table[measure][t][i][lag]: predicted loss reading a cache ``lag`` steps old (asc: lag 0)
+        self.table: dict[str, list[list[list[float | None]]]] = {}
+        self.costs = [
+            {c: layer_weight(x) * method_cost(c, x.num_tokens, x.window) for c in METHODS}
+            for x in plan_layers(header_plan(profile))
+        ]
+        grids = {**self.by_lag, "asc": m.asc}
+        for measure, method in MEASURES.items():
+            if method in self.candidates and grids[measure] is not None:
+                self.table[measure] = [
+                    [self._row(measure, method, t, i) for i in range(self.layers)] for t in range(self.steps)
+                ]
+
+    def distance(self, measure: str, t: int, i: int, lag: int = 1) -> float | None:
+        """The distance of ``measure`` at ``(t, i)`` for a cache ``lag`` steps old.
+
+        Within the profile's ``lags`` it is the measured one; older caches chain
+        measurements through step ``s = t - lags`` (triangle inequality, norms rescaled):
+        ``d(t, lag) ≤ d(t, lags) + d_base(s, lag - lags) × ||O_s|| / ||O_t||``, where the
+        base is ``ast`` for ``ast`` and ``wars`` (the residual's drift) for the others.
+        """
+        if measure == "asc":
+            return self.profile.measurements.asc[t][i]
+        if not 1 <= lag <= t:
+            return None
+        if lag <= self.lags:
+            return self.by_lag[measure][t][i][lag - 1]
+        key = (measure, t, i, lag)
+        if key not in self._chained:
+            s = t - self.lags
+            head = self.by_lag[measure][t][i][self.lags - 1]
+            rest = self.distance("ast" if measure == "ast" else "wars", s, i, lag - self.lags)
+            norms = self.profile.measurements.output_norm
+            value = None
+            if head is not None and rest is not None and norms[t][i] and norms[s][i] is not None:
+                value = head + rest * norms[s][i] / norms[t][i]
+            self._chained[key] = value
+        return self._chained[key]
+
+    def _gain(self, t: int, i: int) -> dict[str, float]:
+        own: dict[str, float] = {}
+        for method, grid in self.profile.measurements.loss.items():
+            loss, dist = grid[t][i], self.distance(method, t, i)
+            if loss is None or dist is None:
+                continue
+            if dist > 0.0:
+                own[method] = loss / dist
+            elif loss == 0.0:
+                own[method] = 0.0
+        if not own:
+            return {}
+        mean = sum(own.values()) / len(own)
+        return {c: own.get(c, mean) for c in self.candidates}
+
+    def _row(self, measure: str, method: str, t: int, i: int) -> list[float | None]:
+        gain = self.gains[t][i].get(method)
+        lags = [0] if measure == "asc" else range(t + 1)
+        return [None if gain is None or (d := self.distance(measure, t, i, lag)) is None else gain * d for lag in lags]
+
+    def loss(self, t: int, i: int, measure: str, lag: int) -> float | None:
+        """Predicted output loss of the method measured by ``measure``, alone at ``(t, i)``."""
+        row = self.table[measure][t][i] if measure in self.table else []
+        return row[lag] if 0 <= lag < len(row) else None
+
+
+def _rule(predictor: Predictor, budget: float, combine: Combine) -> Choice:
+    """The greedy rule on predicted losses with ``budget`` = 1 − δ."""
+    p, table, layers = predictor, predictor.table, predictor.layers
+    methods = [["full"] * layers for _ in range(p.steps)]
+    losses: list[list[float | None]] = [[None] * layers for _ in range(p.steps)]
+    computed = [0] * layers  # last step that computed this layer's output (ast source)
+    source = [0] * layers  # last full/asc step: the residual's step
+    after_asc = [False] * layers  # whether that step was asc
+    for t in range(1, p.steps):
+        so_far = 0.0
+        for i in range(layers):
+            limit = (i + 1) / layers * budget
+            kept, kept_loss = "full", so_far
+            for c in p.candidates:
+                if c == "ast":
+                    row, lag = table["ast"][t][i], t - computed[i]
+                elif c == "asc":
+                    row, lag = table["asc"][t][i], 0
+                else:
+                    measure = "wars_after_asc" if c == "wars" and after_asc[i] else c
+                    row, lag = table[measure][t][i], t - source[i]
+                alone = row[lag] if lag < len(row) else None
+                if alone is None:
+                    continue
+                total = so_far + alone if combine == "sum" else math.hypot(so_far, alone)
+                if total <= limit:
+                    kept, kept_loss = c, total
+                    break
+            methods[t][i], losses[t][i], so_far = kept, kept_loss, kept_loss
+            if kept != "ast":
+                computed[i] = t
+            if kept in ("full", "asc"):
+                source[i], after_asc[i] = t, kept == "asc"
+    return Choice(methods, losses, _flops(predictor.costs, methods))
+
+
+def _flops(costs: list[dict[str, float]], methods: list[list[str]]) -> float:
+    """The grid's attention FLOPs fraction given each layer's cost per method (``summarize``'s figure)."""
+    total = sum(c["full"] for c in costs) * len(methods)
+    return sum(costs[i][m] for row in methods for i, m in enumerate(row)) / total
+
+
+def budget_steps(delta: float) -> int:
+    """The largest k with 1 − k / RESOLUTION ≥ δ."""
+    if not 0.0 < delta <= 1.0:
+        raise bad_input(f"delta: must be in (0, 1] (got {delta})")
+    return math.floor((1.0 - delta) * RESOLUTION + 1e-9)
+
+
+class Compiler:
+    """Compiles plans from one profile; rule results are cached across δ."""
+
+    def __init__(self, profile: Profile, *, combine: Combine = "sum") -> None:
+        self.profile = profile
+        self.combine: Combine = combine
+        self.predictor = Predictor(profile)
+        self._rules: dict[int, Choice] = {}
+        self._best: list[Choice] = []  # _best[k]: least FLOPs among rules 0..k
+
+    def choice(self, delta: float) -> Choice:
+        """The grid for δ: the least-FLOPs rule result over δ' = 1 − k/1000 ≥ δ."""
+        top = budget_steps(delta)
+        while len(self._best) <= top:
+            k = len(self._best)
+            rule = self._rule(k)
+            best = self._best[-1] if self._best else rule
+            self._best.append(rule if rule.flops < best.flops else best)
+        return self._best[top]
+
+    def _rule(self, k: int) -> Choice:
+        if k not in self._rules:
+            p = self.predictor
+            if k == 0:  # no budget: nothing to spend, as the search at δ = 1
+                grid = [["full"] * p.layers for _ in range(p.steps)]
+                losses: list[list[float | None]] = [[None] * p.layers for _ in range(p.steps)]
+                self._rules[k] = Choice(grid, losses, 1.0)
+            else:
+                self._rules[k] = _rule(p, k / RESOLUTION, self.combine)
+        return self._rules[k]
+
+    def plan(self, delta: float) -> Plan:
+        """The checked plan for δ, with the profile's header facts and predicted losses."""
+        choice = self.choice(delta)
+        base = header_plan(self.profile, choice.methods)
+        return msgspec.structs.replace(
+            base,
+            tool_version=tool_version(),
+            calibration=profile_calibration(self.profile, delta, SEARCH_NAMES[self.combine]),
+            losses=choice.losses,
+        )
+
+
+def compile_plan(profile: Profile, delta: float, *, combine: Combine = "sum") -> Plan:
+    """The plan for ``delta`` compiled from ``profile`` (see the module docstring)."""
+    return Compiler(profile, combine=combine).plan(delta)
+
+
+def compile_plans(profile: Profile, deltas: Iterable[float], *, combine: Combine = "sum") -> list[Plan]:
+    """One plan per δ, sharing the work between them."""
+    compiler = Compiler(profile, combine=combine)
+    return [compiler.plan(d) for d in deltas]
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """A checked profile from a file; ``ProfileError`` (a ``PlanError``) if it is not one."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {str(path)!r}: {exc.strerror or exc}") from None
+    return decode_profile(raw)
+
+
+def parse_deltas(text: str | Sequence[float]) -> list[float]:
+    """δ values from ``0.975,0.95,...`` (or a sequence), each in (0, 1]."""
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    deltas = []
+    for part in parts:
+        if part == "":
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise bad_input(f"deltas: {part!r} is not a number") from None
+        if not 0.0 < value <= 1.0:
+            raise bad_input(f"deltas: {value} is not in (0, 1]")
+        deltas.append(value)
+    if not deltas:
+        raise bad_input("deltas: give at least one δ, e.g. 0.975,0.95")
+    return deltas

@@ -1,0 +1,258 @@
+"""Profile a model once on its calibration batch, through the runtime's processors.
+
+The pipeline generates the calibration batch under an all-``full`` plan with the
+runtime in recording mode (``runtime/recording.py``): at every step each layer's
+full output is compared with what ``ast``, ``wars``, ``wars_asc`` and ``asc`` would
+have returned from the caches of up to ``lags`` earlier steps. Before each step's
+real forward, one trial forward per layer and probed method (default: ``ast``) runs
+that method on that layer alone, as the greedy search would, and its loss against
+the full output gives the layer's gain: how much of a layer error reaches the
+transformer output. ``planner.compile`` turns the profile into a plan for any δ.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+import runtime
+from planner.build import BuildRequest, draft_plan, generation_kwargs, video_frames
+from planner.errors import PlannerError, bad_input
+from planner.search import CANDIDATES, CFG_SHARING, Chunks, rel_l1
+from runtime.recording import Recorder
+from runtime.runner import Runner
+from runtime.schedule import Schedule
+from runtime.state import GenerationState
+from schemas import (
+    PROFILE_SCHEMA_VERSION,
+    Measurements,
+    Profile,
+    ProfileCalibration,
+    encode_profile,
+)
+
+DEFAULT_LAGS = 4
+DEFAULT_PROBES: tuple[str, ...] = ("ast",)
+
+ProfileProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """The profile, the calibration batch's pipeline output, and the profiling time."""
+
+    profile: Profile
+    images: torch.Tensor
+    seconds: float
+
+
+def check_probes(probes: tuple[str, ...], cfg: bool) -> tuple[str, ...]:
+    """The probed methods, in the search's order; refuses unknown ones and CFG sharing without CFG."""
+    for probe in probes:
+        if probe not in CANDIDATES:
+            raise bad_input(f"probes: unknown method {probe!r}; choose from {', '.join(CANDIDATES)}")
+        if probe in CFG_SHARING and not cfg:
+            raise bad_input(f"probes: {probe!r} shares across CFG halves but CFG is off")
+    if not probes:
+        raise bad_input("probes: give at least one method to probe")
+    return tuple(m for m in CANDIDATES if m in probes)
+
+
+class ProfileSession:
+    """Records every step of the calibration trajectory and probes each layer's gain.
+
+    Intercepts the transformer's forward like the greedy search does: per step, the
+    probe trials run first (they read the caches of the previous step and write
+    none), then the real all-``full`` forward, recorded, whose output the pipeline
+    gets and the probes are scored against.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        transformer: torch.nn.Module,
+        *,
+        lags: int,
+        probes: tuple[str, ...],
+        calib_batch: int | None = None,
+        progress: ProfileProgress | None = None,
+    ) -> None:
+        self.runner = runner
+        self.transformer = transformer
+        self.lags = lags
+        self.probes = probes
+        self.calib_batch = calib_batch
+        self.progress = progress
+        self.num_steps = runner.schedule.num_steps
+        self.num_layers = len(runner.schedule.methods[0])
+        self.losses: dict[str, list[list[float | None]]] = {
+            m: [[None] * self.num_layers for _ in range(self.num_steps)] for m in probes
+        }
+        self.recorders: list[Recorder] = []
+        self._original = transformer.forward
+        self._chunks: Chunks | None = None
+        self._states: list[GenerationState] = []
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        """Route the transformer's forward through the session for the duration of the block."""
+        self.transformer.forward = self._forward
+        try:
+            yield
+        finally:
+            del self.transformer.forward
+            self._chunks, self._states = None, []
+
+    def recorder(self) -> Recorder:
+        """All chunks' measurements together."""
+        total = Recorder(self.lags)
+        for recorder in self.recorders:
+            total.merge(recorder)
+        return total
+
+    def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        runner = self.runner
+        outer, step = runner.state, runner.state.step
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self._chunks is None:
+            self._chunks = Chunks(hidden.shape[0], runner.cfg, self.calib_batch)
+            self._states = [GenerationState() for _ in range(len(self._chunks))]
+            self.recorders = [Recorder(self.lags) for _ in range(len(self._chunks))]
+        parts = self._chunks.split(args, kwargs)
+        try:
+            trials = {}
+            if step > 0:
+                for layer in range(self.num_layers):
+                    for probe in self.probes:
+                        trials[layer, probe] = self._run(step, parts, {layer: probe})
+            outputs = self._run(step, parts, None)
+            for layer in range(self.num_layers):
+                for probe in self.probes:
+                    if step > 0:
+                        self.losses[probe][step][layer] = rel_l1(trials[layer, probe], outputs)
+                if self.progress is not None:
+                    self.progress(step, layer)
+            sample = self._chunks.join(outputs)
+        finally:
+            runner.state, runner.recorder = outer, None
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    def _run(
+        self, step: int, parts: list[tuple[tuple, dict]], overrides: dict[int, str] | None
+    ) -> list[torch.Tensor]:
+        """Outputs per chunk at ``step``: a probe trial, or the real forward, recorded."""
+        runner, outputs = self.runner, []
+        for state, recorder, (args, kwargs) in zip(self._states, self.recorders, parts):
+            runner.state, state.step = state, step
+            if overrides is None:
+                runner.recorder = recorder
+                outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
+                runner.recorder = None
+            else:
+                with runner.trying(overrides):
+                    outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
+        return outputs
+
+
+def profile_model(
+    pipe: Any,
+    request: BuildRequest,
+    *,
+    lags: int = DEFAULT_LAGS,
+    probes: tuple[str, ...] = DEFAULT_PROBES,
+    progress: ProfileProgress | None = None,
+) -> ProfileResult:
+    """Profile ``pipe`` on the calibration batch of ``request`` (its δ is not used).
+
+    ``progress(step, layer)`` is called once per measured layer-step. The pipeline is
+    left as it was found.
+    """
+    if lags < 1:
+        raise bad_input(f"lags: must be >= 1 (got {lags})")
+    draft = draft_plan(pipe, request)
+    cfg = draft.sampling.cfg
+    probes = check_probes(tuple(probes), cfg)
+    handle = runtime.apply(draft, pipe)
+    try:
+        handle.runner.schedule = Schedule([list(row) for row in draft.methods], keep_all=True)
+        session = ProfileSession(
+            handle.runner,
+            pipe.transformer,
+            lags=lags,
+            probes=probes,
+            calib_batch=request.calib_batch,
+            progress=progress,
+        )
+        start = time.perf_counter()
+        with session.attached():
+            output = pipe(**generation_kwargs(pipe, request))
+            images = output.frames if video_frames(pipe) else output.images
+        seconds = time.perf_counter() - start
+    finally:
+        handle.remove()
+    grids = session.recorder().grids(draft.sampling.num_steps, draft.model.num_layers)
+    cfg_grid = (lambda name: grids[name]) if cfg else (lambda name: None)
+    calibration = draft.calibration
+    profile = Profile(
+        format="ditfastattn-profile",
+        schema_version=PROFILE_SCHEMA_VERSION,
+        tool_version=draft.tool_version,
+        model=draft.model,
+        tokens=draft.tokens,
+        sampling=draft.sampling,
+        window=draft.window,
+        calibration=ProfileCalibration(
+            metric="rel_l1",
+            prompts_hash=calibration.prompts_hash,
+            num_prompts=calibration.num_prompts,
+            seed=calibration.seed,
+        ),
+        lags=lags,
+        measurements=Measurements(
+            ast=grids["ast"],
+            wars=grids["wars"],
+            wars_after_asc=cfg_grid("wars_after_asc"),
+            wars_asc=cfg_grid("wars_asc"),
+            asc=cfg_grid("asc"),
+            output_norm=grids["norm"],
+            loss=session.losses,
+        ),
+        layers=draft.layers,
+    )
+    return ProfileResult(profile=profile, images=images, seconds=seconds)
+
+
+def write_profile(profile: Profile, path: Path) -> int:
+    """Write ``profile`` (msgpack) through a temporary file and a rename; returns its size in bytes.
+
+    A failure or an interrupt leaves either the previous file or none.
+    """
+    data = encode_profile(profile)
+    try:
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise PlannerError(f"output: cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(temporary, 0o666 & ~mask)
+        os.replace(temporary, path)
+    except BaseException as exc:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise PlannerError(f"output: cannot write {str(path)!r}: {exc.strerror or exc}") from None
+        raise
+    return len(data)

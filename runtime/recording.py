@@ -1,0 +1,132 @@
+"""Recording mode: what each method would have returned, measured at every full layer-step.
+
+With a ``Recorder`` on the ``Runner`` (``runner.recorder``), the processor hands it,
+after each ``full`` layer-step that writes caches, the layer's q/k/v, its per-head
+output and its projected output. The recorder computes from them, with the runtime's
+own window kernel and output projection, the outputs ``ast``, ``wars``, ``asc`` and
+``wars_asc`` would have produced with the caches of up to ``lags`` steps earlier, and
+accumulates their squared distances to the full output. It never changes what the
+processor returns. The measurements are defined in ``schemas/profile.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from runtime.runner import Runner
+
+MEASURES = ("ast", "wars", "wars_after_asc", "wars_asc")  # per lag
+CFG_MEASURES = ("wars_after_asc", "wars_asc", "asc")
+
+Project = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _squared(x: torch.Tensor) -> float:
+    """Sum of squares, in at least float32 per element and float64 over the sum."""
+    if x.dtype != torch.float64:
+        x = x.float()
+    return float(x.pow(2).sum(dtype=torch.float64))
+
+
+class Recorder:
+    """Accumulates, per (step, layer, lag), squared distances of each method to full attention.
+
+    Keeps per layer the projected outputs ``O`` and per-head residuals ``R`` of the last
+    ``lags`` recorded steps (a generation must be recorded from step 0, in order). Sums
+    add up over several recorders (one per calibration chunk) with ``merge``.
+    """
+
+    def __init__(self, lags: int) -> None:
+        if lags < 1:
+            raise ValueError(f"lags: must be >= 1 (got {lags})")
+        self.lags = lags
+        self.reference: dict[tuple[int, int], float] = {}  # (step, layer) -> ||O_t||^2
+        self.squared: dict[tuple[str, int, int, int], float] = {}  # (measure, step, layer, lag)
+        self._history: dict[int, deque[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+
+    def reset(self) -> None:
+        """Forget the cached history (a new generation starts); the sums stay."""
+        self._history.clear()
+
+    def record(
+        self,
+        runner: Runner,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        o: torch.Tensor,
+        out: torch.Tensor,
+        project: Project,
+    ) -> None:
+        """Measure one full layer-step: ``o`` per head, ``out = project(o)`` for the whole batch."""
+        step = runner.state.step
+        history = self._history.setdefault(layer, deque(maxlen=self.lags))
+        if history and history[-1][0] >= step:  # a new generation on the same recorder
+            history.clear()
+        window = runner.window_attention(q, k, v, layer)
+        residual = o - window
+        key = (step, layer)
+        self.reference[key] = self.reference.get(key, 0.0) + _squared(out)
+        cfg = runner.cfg and o.shape[0] % 2 == 0
+        rows = runner.cond_rows(o.shape[0]) if cfg else None
+        both = runner.copy_to_both_halves
+        if cfg:
+            self._add("asc", step, layer, 0, both(out[rows]) - out)
+        for earlier, out_s, residual_s in history:
+            lag = step - earlier
+            self._add("ast", step, layer, lag, out_s - out)
+            self._add("wars", step, layer, lag, project(window + residual_s) - out)
+            if cfg:
+                cond_residual = residual_s[rows]
+                shared = project(window + both(cond_residual))
+                self._add("wars_after_asc", step, layer, lag, shared - out)
+                cond = project(window[rows] + cond_residual)
+                self._add("wars_asc", step, layer, lag, both(cond) - out)
+        history.append((step, out.detach(), residual.detach()))
+
+    def _add(self, measure: str, step: int, layer: int, lag: int, error: torch.Tensor) -> None:
+        key = (measure, step, layer, lag)
+        self.squared[key] = self.squared.get(key, 0.0) + _squared(error)
+
+    def merge(self, other: Recorder) -> None:
+        """Add ``other``'s sums to this recorder's (the rows of another chunk)."""
+        for key, value in other.reference.items():
+            self.reference[key] = self.reference.get(key, 0.0) + value
+        for key, value in other.squared.items():
+            self.squared[key] = self.squared.get(key, 0.0) + value
+
+    def distance(self, measure: str, step: int, layer: int, lag: int = 0) -> float | None:
+        """``||X - O_t|| / ||O_t||`` over every recorded row; ``None`` if not measured.
+
+        ``lag`` is 0 for ``asc`` and the number of steps back for the cache measures.
+        """
+        squared = self.squared.get((measure, step, layer, lag))
+        if squared is None:
+            return None
+        reference = self.reference[(step, layer)]
+        if reference == 0.0:
+            return 0.0 if squared == 0.0 else math.inf
+        return math.sqrt(squared / reference)
+
+    def grids(self, steps: int, layers: int) -> dict[str, list]:
+        """Every measure as ``[step][layer][lag - 1]`` (``asc`` and ``norm``: ``[step][layer]``)."""
+        grids: dict[str, list] = {
+            m: [[[self.distance(m, t, i, lag) for lag in range(1, self.lags + 1)] for i in range(layers)]
+                for t in range(steps)]
+            for m in MEASURES
+        }
+        grids["asc"] = [[self.distance("asc", t, i) for i in range(layers)] for t in range(steps)]
+        grids["norm"] = [[self.norm(t, i) for i in range(layers)] for t in range(steps)]
+        return grids
+
+    def norm(self, step: int, layer: int) -> float | None:
+        """``||O_t||`` over every recorded row; ``None`` if not recorded."""
+        reference = self.reference.get((step, layer))
+        return None if reference is None else math.sqrt(reference)

@@ -1,0 +1,278 @@
+"""The profile artifact: what a calibration run measured, from which plans are compiled.
+
+A profile holds, per denoising step ``t`` and per self-attention layer ``i`` of one
+transformer, how far each DiTFastAttn method's output would be from full attention
+on the calibration batch, and how much of such an error reaches the transformer's
+output. It carries the same model fingerprint and calibration facts as a plan, is
+encoded as msgpack (compact, never executable) and is checked on load like a plan.
+
+Definitions (every distance is measured on the all-``full`` calibration trajectory;
+``O_t`` is the layer's attention output after the output projection for the whole
+CFG batch at step ``t``, ``o_t`` the per-head output before it, ``W_t`` the window
+attention on the same q/k/v, ``R_t = o_t - W_t`` the residual, ``P`` the output
+projection, ``c`` the conditional rows and ``copy`` their copy onto both halves):
+
+- ``dist(X) = ||X - O_t||_2 / ||O_t||_2`` over the whole batch (a relative L2 distance;
+  ``1 - dist`` is the similarity).
+- ``ast[t][i][k-1]``: ``dist(O_{t-k})``, the output of ``k`` steps earlier.
+- ``wars[t][i][k-1]``: ``dist(P(W_t + R_{t-k}))``, the residual of a ``full`` step ``k``
+  steps earlier.
+- ``wars_after_asc[t][i][k-1]``: ``dist(P(W_t + copy(R_{t-k}[c])))``, the residual of an
+  ``asc`` step ``k`` steps earlier (its conditional rows stand for both halves).
+- ``wars_asc[t][i][k-1]``: ``dist(copy(P(W_t[c] + R_{t-k}[c]))``.
+- ``asc[t][i]``: ``dist(copy(O_t[c]))``, conditional against unconditional rows (step 0
+  included, though step 0 always runs ``full``).
+- ``output_norm[t][i]``: ``||O_t||_2``, which relates distances at different steps.
+- ``loss[m][t][i]``: for each probed method ``m``, the greedy search's loss (relative L1
+  of the transformer output, DESIGN §2) with layer ``i`` alone running ``m`` at step
+  ``t`` on the caches of step ``t - 1``; ``loss[m][t][i] / dist_m(lag 1)`` is the layer's
+  gain, the share of a layer error that reaches the output.
+
+``None`` marks what was not measured: step 0 (but for ``asc`` and ``output_norm``), lags
+reaching before step 0, layers that ran with an attention mask.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from schemas.plan import (
+    SCHEMA_VERSION,
+    Calibration,
+    Hex64,
+    Layer,
+    Method,
+    ModelInfo,
+    NonNegInt,
+    Plan,
+    PlanError,
+    PosInt,
+    Sampling,
+    Tokens,
+    check_plan,
+    summarize,
+)
+
+PROFILE_SCHEMA_VERSION = 1
+PROFILE_READABLE_VERSIONS = (1,)
+PROFILE_FORMAT = "ditfastattn-profile"
+
+Distance = Annotated[float, Meta(ge=0.0)] | None
+Grid2 = list[list[Distance]]
+Grid3 = list[list[list[Distance]]]
+
+CFG_MEASURES = ("wars_after_asc", "wars_asc", "asc")
+CFG_METHODS = ("asc", "wars_asc")
+
+
+class ProfileError(PlanError):
+    """A profile that cannot be read, is inconsistent, or does not fit the model."""
+
+
+class ProfileCalibration(Struct, forbid_unknown_fields=True, frozen=True):
+    """What the profile was measured on: the calibration inputs and the output metric."""
+
+    metric: Literal["rel_l1"]
+    prompts_hash: Hex64
+    num_prompts: PosInt
+    seed: int
+
+
+class Measurements(Struct, forbid_unknown_fields=True, frozen=True):
+    """Distances and probed losses, indexed ``[step][layer]`` (and ``[lag - 1]``).
+
+    See the module docstring for the exact definitions. The CFG measures are
+    ``None`` when the calibration ran without CFG.
+    """
+
+    ast: Grid3
+    wars: Grid3
+    wars_after_asc: Grid3 | None
+    wars_asc: Grid3 | None
+    asc: Grid2 | None
+    output_norm: Grid2
+    loss: dict[Method, Grid2]
+
+
+class Profile(Struct, forbid_unknown_fields=True, frozen=True):
+    """Per-step, per-layer similarity measurements of one model on one calibration set.
+
+    ``lags`` is how many earlier steps each cache measurement looks back; the
+    compiler chains measurements for older caches.
+    """
+
+    format: Literal["ditfastattn-profile"]
+    schema_version: int
+    tool_version: Annotated[str, Meta(min_length=1)]
+    model: ModelInfo
+    tokens: Tokens
+    sampling: Sampling
+    window: NonNegInt
+    calibration: ProfileCalibration
+    lags: PosInt
+    measurements: Measurements
+    layers: list[Layer] | None = None
+
+
+class _Header(Struct):
+    format: Any = None
+    schema_version: Any = None
+
+
+def header_plan(profile: Profile, methods: list[list[str]] | None = None) -> Plan:
+    """A plan with the profile's header facts and ``methods`` (default all ``full``).
+
+    ``calibration`` is left out: a plan compiled from the profile adds its own.
+    """
+    steps, layers = profile.sampling.num_steps, profile.model.num_layers
+    grid = methods if methods is not None else [["full"] * layers for _ in range(steps)]
+    return Plan(
+        schema_version=SCHEMA_VERSION,
+        tool_version=profile.tool_version,
+        model=profile.model,
+        tokens=profile.tokens,
+        sampling=profile.sampling,
+        window=profile.window,
+        methods=grid,
+        summary=summarize(grid, profile.tokens.num_tokens, profile.window, profile.layers),
+        layers=profile.layers,
+    )
+
+
+def profile_calibration(profile: Profile, delta: float, search: str = "profile") -> Calibration:
+    """The ``calibration`` entry of a plan compiled from ``profile`` at ``delta``."""
+    c = profile.calibration
+    return Calibration(delta, c.metric, c.prompts_hash, c.num_prompts, c.seed, search)
+
+
+# ---------------------------------------------------------------------------
+# checks
+
+
+def check_profile(profile: Profile) -> None:
+    """Cross-field rules; raises ``ProfileError`` naming the offending field."""
+    try:
+        check_plan(header_plan(profile))
+    except ProfileError:
+        raise
+    except PlanError as exc:
+        raise ProfileError(str(exc)) from None
+    windows = [("$.window", profile.window, profile.tokens.num_tokens)]
+    if profile.layers is not None:
+        windows = [(f"$.layers[{i}].window", x.window, x.num_tokens) for i, x in enumerate(profile.layers)]
+    for field, window, tokens in windows:
+        if not 1 <= window <= tokens - 1:
+            raise ProfileError(f"{field}: the window must be in 1 … tokens - 1 = {tokens - 1} (got {window})")
+    steps, layers, lags = profile.sampling.num_steps, profile.model.num_layers, profile.lags
+    cfg = profile.sampling.cfg
+    m = profile.measurements
+    for name in ("ast", "wars", *CFG_MEASURES):
+        grid = getattr(m, name)
+        field = f"$.measurements.{name}"
+        if (grid is not None) != cfg and name in CFG_MEASURES:
+            state = "on" if cfg else "off"
+            need = "required" if cfg else "must be null"
+            raise ProfileError(f"{field}: {need} when sampling.cfg is {state}")
+        if grid is not None:
+            _check_grid(field, grid, steps, layers, lags if name != "asc" else None)
+    _check_grid("$.measurements.output_norm", m.output_norm, steps, layers, None)
+    for method, grid in m.loss.items():
+        field = f"$.measurements.loss.{method}"
+        if method == "full":
+            raise ProfileError(f"{field}: 'full' is the reference, not a probe")
+        if method in CFG_METHODS and not cfg:
+            raise ProfileError(f"{field}: {method!r} shares across CFG halves but sampling.cfg is false")
+        _check_grid(field, grid, steps, layers, None, probes=True)
+
+
+def _check_grid(
+    field: str, grid: list, steps: int, layers: int, lags: int | None, *, probes: bool = False
+) -> None:
+    if len(grid) != steps:
+        raise ProfileError(f"{field}: has {len(grid)} steps, sampling.num_steps is {steps}")
+    for t, row in enumerate(grid):
+        if len(row) != layers:
+            raise ProfileError(f"{field}[{t}]: has {len(row)} layers, model.num_layers is {layers}")
+        for i, cell in enumerate(row):
+            if lags is None:
+                _check_value(f"{field}[{t}][{i}]", cell, "step 0 is always full" if t == 0 and probes else "")
+                continue
+            if len(cell) != lags:
+                raise ProfileError(f"{field}[{t}][{i}]: has {len(cell)} lags, lags is {lags}")
+            for k, value in enumerate(cell, start=1):
+                _check_value(f"{field}[{t}][{i}][{k - 1}]", value, f"no step {t - k}" if k > t else "")
+
+
+def _check_value(field: str, value: float | None, unmeasurable: str) -> None:
+    if value is None:
+        return
+    if unmeasurable:
+        raise ProfileError(f"{field}: must be null, {unmeasurable} (got {value!r})")
+    if not math.isfinite(value):
+        raise ProfileError(f"{field}: must be finite (got {value!r})")
+
+
+# ---------------------------------------------------------------------------
+# encoding
+
+
+_PATH = re.compile(r"\.([A-Za-z_][A-Za-z_0-9]*)|\[(\d+)\]")
+
+
+def _with_value(message: str, raw: bytes) -> str:
+    match = re.search(r"at `(\$[^`]*)`", message)
+    if not match:
+        return message
+    try:
+        node = msgspec.msgpack.decode(raw)
+        for key, index in _PATH.findall(match.group(1).removeprefix("$")):
+            node = node[key] if key else node[int(index)]
+        shown = repr(node)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, KeyError, IndexError, TypeError):
+        return message
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{message} (got {shown})"
+
+
+def decode_profile(raw: bytes) -> Profile:
+    """Decode and check a profile; any input gives a ``Profile`` or raises ``ProfileError``."""
+    try:
+        header = msgspec.msgpack.decode(raw, type=_Header)
+    except (msgspec.DecodeError, TypeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProfileError(f"not a profile: {exc}") from None
+    if header.format != PROFILE_FORMAT:
+        raise ProfileError(f"$.format: not a ditfastattn profile (got {header.format!r})")
+    version = header.schema_version
+    if type(version) is not int or version not in PROFILE_READABLE_VERSIONS:
+        readable = ", ".join(map(str, PROFILE_READABLE_VERSIONS))
+        raise ProfileError(
+            f"$.schema_version: unsupported profile schema version {version!r}; "
+            f"this build reads version {readable}"
+        )
+    try:
+        profile = msgspec.msgpack.decode(raw, type=Profile)
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"invalid profile: a string is not UTF-8 at byte {exc.start}") from None
+    except RecursionError:
+        raise ProfileError("invalid profile: nested too deeply") from None
+    except msgspec.DecodeError as exc:
+        raise ProfileError(f"invalid profile: {_with_value(str(exc), raw)}") from None
+    check_profile(profile)
+    return profile
+
+
+def encode_profile(profile: Profile) -> bytes:
+    """Encode a checked profile as msgpack."""
+    check_profile(profile)
+    return msgspec.msgpack.encode(profile)
+
+
+def profile_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the profile document (the structure its msgpack encodes)."""
+    return msgspec.json.schema(Profile)

@@ -1,0 +1,174 @@
+"""The profile format: round trip, cross-field rules, versions, corruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import schemas
+from schemas import PlanError, ProfileError, decode_plan, decode_profile, encode_profile
+
+STEPS, LAYERS, LAGS = 3, 2, 2
+
+
+def lag_grid(value: float = 0.25) -> list:
+    return [[[value if k <= t else None for k in range(1, LAGS + 1)] for _ in range(LAYERS)] for t in range(STEPS)]
+
+
+def step_grid(value: float = 0.125, *, first: float | None = None) -> list:
+    return [[first if t == 0 else value for _ in range(LAYERS)] for t in range(STEPS)]
+
+
+def make_profile(cfg: bool = True, **changes) -> schemas.Profile:
+    profile = schemas.Profile(
+        format="ditfastattn-profile",
+        schema_version=1,
+        tool_version="test",
+        model=schemas.ModelInfo("PixArtTransformer2DModel", "tiny", "ab" * 32, LAYERS, 2, 8),
+        tokens=schemas.Tokens(num_tokens=16, height=32, width=32),
+        sampling=schemas.Sampling("DPMSolverMultistepScheduler", STEPS, cfg, "uncond_cond" if cfg else None, 4.5),
+        window=3,
+        calibration=schemas.ProfileCalibration("rel_l1", "cd" * 32, 6, 0),
+        lags=LAGS,
+        measurements=schemas.Measurements(
+            ast=lag_grid(0.5),
+            wars=lag_grid(0.25),
+            wars_after_asc=lag_grid(0.3) if cfg else None,
+            wars_asc=lag_grid(0.4) if cfg else None,
+            asc=step_grid(0.2, first=0.1) if cfg else None,
+            output_norm=step_grid(3.0, first=2.5),
+            loss={"ast": step_grid(0.01)},
+        ),
+    )
+    return msgspec.structs.replace(profile, **changes)
+
+
+def as_doc(profile: schemas.Profile) -> dict:
+    return msgspec.msgpack.decode(encode_profile(profile))
+
+
+def decode_doc(doc: dict) -> schemas.Profile:
+    return decode_profile(msgspec.msgpack.encode(doc))
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+def test_round_trip(cfg):
+    profile = make_profile(cfg)
+    raw = encode_profile(profile)
+    assert decode_profile(raw) == profile
+    assert encode_profile(decode_profile(raw)) == raw
+
+
+def test_committed_json_schema_is_current():
+    committed = json.loads(Path(schemas.__file__).with_name("profile.schema.json").read_text())
+    assert committed == json.loads(json.dumps(schemas.profile_json_schema())), (
+        "schemas/profile.schema.json is stale: run `planner schema --profile > schemas/profile.schema.json`"
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d["measurements"]["ast"].pop(), r"\$\.measurements\.ast: has 2 steps, sampling\.num_steps is 3"),
+        (lambda d: d["measurements"]["wars"][1].pop(), r"\$\.measurements\.wars\[1\]: has 1 layers"),
+        (lambda d: d["measurements"]["wars_asc"][2][0].pop(), r"\$\.measurements\.wars_asc\[2\]\[0\]: has 1 lags, lags is 2"),
+        (lambda d: d["measurements"]["ast"][1][0].__setitem__(1, 0.5), r"\$\.measurements\.ast\[1\]\[0\]\[1\]: must be null, no step -1"),
+        (lambda d: d["measurements"]["loss"]["ast"][0].__setitem__(1, 0.5), r"\$\.measurements\.loss\.ast\[0\]\[1\]: must be null, step 0"),
+        (lambda d: d["measurements"]["loss"].__setitem__("full", d["measurements"]["asc"]), r"loss\.full: 'full' is the reference"),
+        (lambda d: d["measurements"]["ast"][2][1].__setitem__(0, -0.1), r"Expected `float` >= 0.0 - at `\$\.measurements\.ast\[2\]\[1\]\[0\]` \(got -0.1\)"),
+        (lambda d: d["measurements"]["ast"][2][1].__setitem__(0, float("inf")), r"\$\.measurements\.ast\[2\]\[1\]\[0\]: must be finite"),
+        (lambda d: d["measurements"]["ast"][2][1].__setitem__(0, float("nan")), r"\$\.measurements\.ast\[2\]\[1\]\[0\]"),
+        (lambda d: d["measurements"].__setitem__("asc", None), r"\$\.measurements\.asc: required when sampling\.cfg is on"),
+        (lambda d: d["measurements"]["output_norm"].pop(), r"\$\.measurements\.output_norm: has 2 steps"),
+        (lambda d: d["measurements"]["loss"].__setitem__("sparse", d["measurements"]["asc"]), r"Invalid enum value 'sparse'"),
+        (lambda d: d.__setitem__("lags", 0), r"\$\.lags` \(got 0\)"),
+        (lambda d: d["model"].__setitem__("config_hash", "xyz"), r"\$\.model\.config_hash"),
+        (lambda d: d["sampling"].__setitem__("cfg_order", None), r"\$\.sampling\.cfg_order: required"),
+        (lambda d: d.__setitem__("window", 16), r"\$\.window: the window must be in 1 … tokens - 1 = 15 \(got 16\)"),
+        (lambda d: d.__setitem__("extra", 1), r"unknown field `extra`"),
+        (lambda d: d.pop("calibration"), r"missing required field `calibration`"),
+    ],
+)
+def test_inconsistent_profiles_name_the_field(mutate, field):
+    doc = as_doc(make_profile())
+    mutate(doc)
+    with pytest.raises(ProfileError, match=field):
+        decode_doc(doc)
+
+
+def test_cfg_measures_without_cfg_are_refused():
+    doc = as_doc(make_profile(cfg=False))
+    doc["measurements"]["asc"] = step_grid(0.2)
+    with pytest.raises(ProfileError, match=r"\$\.measurements\.asc: must be null when sampling\.cfg is off"):
+        decode_doc(doc)
+    doc = as_doc(make_profile(cfg=False))
+    doc["measurements"]["loss"]["asc"] = step_grid(0.2)
+    with pytest.raises(ProfileError, match=r"loss\.asc: 'asc' shares across CFG halves"):
+        decode_doc(doc)
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_unknown_schema_version_says_what_this_build_reads(version):
+    doc = as_doc(make_profile())
+    doc["schema_version"] = version
+    with pytest.raises(ProfileError, match=r"\$\.schema_version: unsupported profile schema version .* reads version 1"):
+        decode_doc(doc)
+
+
+def test_a_plan_is_not_a_profile_and_a_profile_is_not_a_plan():
+    plan = schemas.encode_plan(schemas.profile.header_plan(make_profile()))
+    with pytest.raises(ProfileError, match="not a profile"):
+        decode_profile(plan)
+    with pytest.raises(ProfileError, match=r"\$\.format: not a ditfastattn profile"):
+        decode_profile(msgspec.msgpack.encode(json.loads(plan)))
+    with pytest.raises(PlanError):
+        decode_plan(encode_profile(make_profile()))
+
+
+def test_profile_errors_are_plan_errors():
+    assert issubclass(ProfileError, PlanError)
+
+
+def test_encode_refuses_an_inconsistent_profile():
+    broken = make_profile(lags=3)
+    with pytest.raises(ProfileError, match=r"\$\.measurements\.ast\[0\]\[0\]: has 2 lags, lags is 3"):
+        encode_profile(broken)
+
+
+def test_every_truncation_is_a_profile_error():
+    raw = encode_profile(make_profile())
+    for cut in range(len(raw)):
+        with pytest.raises(ProfileError):
+            decode_profile(raw[:cut])
+
+
+def test_deeply_nested_input_is_a_profile_error():
+    with pytest.raises(ProfileError):
+        decode_profile(b"\x81\xa6format" + b"\x91" * 100_000 + b"\x00")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_give_profile_or_profile_error(raw):
+    try:
+        decode_profile(raw)
+    except ProfileError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_flipped_bytes_give_profile_or_profile_error(data):
+    raw = bytearray(encode_profile(make_profile()))
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        profile = decode_profile(bytes(raw))
+    except ProfileError:
+        return
+    assert isinstance(profile, schemas.Profile)
