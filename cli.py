@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 try:
     import typer
@@ -34,6 +34,8 @@ except ImportError:
 from planner.errors import PlannerError
 
 if TYPE_CHECKING:
+    from planner.build import BuildRequest
+    from planner.profile import ProfileResult
     from planner.settings import BuildSettings
     from schemas import Plan
 
@@ -264,7 +266,7 @@ def profile(
     ),
     seed: int | None = typer.Option(None, help="Seed of the calibration latents (default: 0)."),
     lags: int | None = typer.Option(
-        None, help="How many steps back each cache is measured; plans never reuse older ones (default: 4)."
+        None, help="How many steps back each cache is measured; older ones are bounded by chaining (default: 4)."
     ),
     probes: str | None = typer.Option(
         None, help="Methods tried per layer and step to measure its gain, comma-separated (default: ast)."
@@ -290,11 +292,11 @@ def profile(
     with reported(ctx):
         from planner.settings import load_settings
 
-        settings = load_settings({**options, "delta": 1.0, "search": "profile"}, config)
+        settings = load_settings({**options, "delta": 1.0, "search": "profile"}, config)  # δ: when compiling
         run_profile(settings, quiet=quiet)
 
 
-def _profile_with_progress(pipe, request, settings: BuildSettings, *, quiet: bool):
+def _profile_with_progress(pipe: Any, request: BuildRequest, settings: BuildSettings, *, quiet: bool) -> ProfileResult:
     """Profile ``pipe`` on the calibration batch, with a progress bar."""
     from planner.profile import profile_model
     from runtime.apply import self_attention_layers
@@ -322,7 +324,7 @@ def _profile_with_progress(pipe, request, settings: BuildSettings, *, quiet: boo
         )
 
 
-def _load_for(settings: BuildSettings):
+def _load_for(settings: BuildSettings) -> tuple[Any, BuildRequest]:
     """The model's pipeline and the calibration request the settings ask for."""
     from planner.loading import load_pipeline, quiet_libraries, resolve_device, resolve_dtype
     from planner.output import check_writable
@@ -366,7 +368,7 @@ def run_profile(settings: BuildSettings, *, quiet: bool) -> None:
     out.print(table)
 
 
-def run_profile_search(pipe, request, settings: BuildSettings, *, quiet: bool) -> None:
+def run_profile_search(pipe: Any, request: BuildRequest, settings: BuildSettings, *, quiet: bool) -> None:
     """``build --search profile``: profile, then compile the plan for the settings' δ."""
     import time
 
@@ -386,7 +388,7 @@ def run_profile_search(pipe, request, settings: BuildSettings, *, quiet: bool) -
     out.print(build_summary(plan, str(settings.output), seconds, plain))
 
 
-def run_compile(profile_file: Path, options: dict, *, quiet: bool) -> None:
+def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> None:
     """``build --from-profile``: compile the plan for δ, check it fits ``--model`` if given, write it."""
     import time
 

@@ -49,6 +49,7 @@ SEARCH_NAMES = {"sum": "profile", "rss": "profile-rss"}  # the plan's calibratio
 
 
 def tool_version() -> str:
+    """The installed ditfastattn version (as ``planner.build`` records it, without its imports)."""
     try:
         return metadata.version("ditfastattn")
     except metadata.PackageNotFoundError:

@@ -75,6 +75,9 @@ class BuildSettings(BaseModel):
             raise ValueError("window: give --window or --window-frac, not both")
         if self.prompts is not None and self.classes is not None:
             raise ValueError("prompts: give --prompts (captions) or --classes (class ids), not both")
+        profiled = sorted({"lags", "probes", "combine"} & self.model_fields_set)
+        if self.search == "greedy" and profiled:
+            raise ValueError(f"{profiled[0]}: applies to --search profile only")
         return self
 
     @property

@@ -291,6 +291,13 @@ def test_search_profile_builds_end_to_end(folders, tmp_path):
     assert plan.calibration.search == "profile" and plan.calibration.delta == 0.9
 
 
+def test_profile_settings_need_the_profile_search(folders, tmp_path):
+    result = invoke("build", "--model", folders["dit"], "--delta", "0.9", "-o", tmp_path / "plan.json", "--lags", "2")
+    assert result.exit_code == 2
+    assert "lags: applies to --search profile only" in one_error_line(result)
+    assert not (tmp_path / "plan.json").exists()
+
+
 @pytest.mark.parametrize(
     "case, args, code, expected",
     [
