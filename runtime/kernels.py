@@ -6,12 +6,14 @@ kernel computes exactly ``softmax(q k^T / sqrt(d) + mask) v`` restricted to it.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("auto", "chunked", "dense")
+KERNELS = ("auto", "chunked", "flex", "dense")
 
 
 def window_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int) -> torch.Tensor:
@@ -38,8 +40,12 @@ def dense_window_attention(
 
 
 def chunk_size(num_tokens: int, window: int) -> int:
-    """Query-chunk length for the banded kernel: a chunk of c queries reads c + 2w keys."""
-    return max(64, min(num_tokens, window))
+    """Query-chunk length for the banded kernel: a chunk of c queries reads c + 2w keys.
+
+    Half the window keeps the wasted pairs near a quarter of the band's while chunks stay
+    long enough for SDPA to run at full speed (measured in ``bench/RESULTS.md``).
+    """
+    return min(num_tokens, max(64, window // 2))
 
 
 def chunked_window_attention(
@@ -70,18 +76,67 @@ def chunked_window_attention(
     return out
 
 
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _window_block_mask(num_tokens: int, window: int, device: torch.device, compiled: bool) -> object:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    bound = torch.tensor(window, device=device)  # data, not a constant: no recompile per window
+
+    def inside(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return (q_idx - kv_idx).abs() <= bound
+
+    return create_block_mask(inside, None, None, num_tokens, num_tokens, device=device, _compile=compiled)
+
+
+def flex_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Window attention with FlexAttention: blocks outside the band are skipped.
+
+    Compiled on CUDA (the block mask is cached per token count, window and device);
+    elsewhere it runs eagerly, which is exact but slow, so ``auto`` never picks it there.
+    """
+    n = q.shape[-2]
+    if window >= n - 1:
+        return full_attention(q, k, v)
+    compiled = q.device.type == "cuda"
+    block_mask = _window_block_mask(n, window, q.device, compiled)
+    if compiled:
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def auto_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+) -> torch.Tensor:
+    """The fastest exact window kernel for ``q``'s device: FlexAttention on CUDA, banded chunks elsewhere."""
+    kernel = flex_window_attention if q.device.type == "cuda" else chunked_window_attention
+    return kernel(q, k, v, window)
+
+
 WindowKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 _WINDOW_KERNELS: dict[str, WindowKernel] = {
+    "auto": auto_window_attention,
     "chunked": chunked_window_attention,
+    "flex": flex_window_attention,
     "dense": dense_window_attention,
 }
 
 
-def resolve_window_kernel(name: str, device: torch.device | None = None) -> WindowKernel:
+def resolve_window_kernel(name: str) -> WindowKernel:
     """The window kernel called ``name``; ``auto`` picks the fastest exact one for the device."""
-    if name == "auto":
-        name = "chunked"
     try:
         return _WINDOW_KERNELS[name]
     except KeyError:

@@ -9,9 +9,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.kernels import chunked_window_attention, dense_window_attention, full_attention
+from runtime.kernels import (
+    auto_window_attention,
+    chunk_size,
+    chunked_window_attention,
+    dense_window_attention,
+    flex_window_attention,
+    full_attention,
+)
 
-KERNELS = {"chunked": chunked_window_attention, "dense": dense_window_attention}
+KERNELS = {
+    "auto": auto_window_attention,
+    "chunked": chunked_window_attention,
+    "dense": dense_window_attention,
+    "flex": flex_window_attention,
+}
 
 
 def reference(q, k, v, window):
@@ -51,3 +63,13 @@ def test_chunked_kernel_in_lower_precision(dtype):
     want = reference(q.double(), k.double(), v.double(), 87)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(("n", "window"), [(16384, 2048), (4096, 512), (1024, 128), (300, 37), (50, 3)])
+def test_chunk_length_bounds_the_wasted_pairs(n, window):
+    c = chunk_size(n, window)
+    assert 1 <= c <= n
+    if window >= 128:  # long windows: at most 40 % more query-key pairs than the band holds
+        computed = n * (c + 2 * window)
+        band = sum(min(n, i + window + 1) - max(0, i - window) for i in range(n))
+        assert computed <= 1.4 * band
