@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU run of the benchmarks (about 6 minutes on one H100); tables go to $OUT.
+# One prepared GPU run of the benchmarks (about 5 minutes on one H100); tables go to $OUT.
 # Usage on a machine with a CUDA GPU and PyTorch, from the repository root:
 #   OUT=/some/dir bash bench/gpu.sh
 # Wheels of missing packages (msgspec, diffusers) may be put in .whl/; they are installed
@@ -18,7 +18,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PY" -c "import torch; print('torch', torch.__version__)"
 } 2>&1 | tee "$OUT/device.txt"
-for kernel in chunked flex; do
+for kernel in blocks flex; do
   timeout 200 "$PY" -m bench.attention --device cuda --tokens 1024,4096,16384 --reps 10 --kernel $kernel 2>&1 \
     | tee "$OUT/attention-$kernel.md"
 done

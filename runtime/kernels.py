@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("auto", "chunked", "flex", "dense")
+KERNELS = ("auto", "blocks", "chunked", "flex", "dense")
 
 
 def window_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int) -> torch.Tensor:
@@ -76,6 +76,63 @@ def chunked_window_attention(
     return out
 
 
+def _attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention and its log-sum-exp per query, ``causal`` meaning key ``j <= i``."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
+    return out, lse[..., : q.shape[-2]]
+
+
+def blocks_apply(num_tokens: int, window: int, device: torch.device) -> bool:
+    """Whether the ``blocks`` kernel can run: tokens a whole number of windows, on CPU or CUDA."""
+    return device.type in ("cpu", "cuda") and 0 < window < num_tokens - 1 and num_tokens % window == 0
+
+
+def blocked_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Window attention as three fused-attention calls over blocks of ``window`` tokens.
+
+    With blocks of exactly w tokens, query block I sees all of key block I, the keys of
+    block I+1 with local index j <= i (a causal triangle) and those of block I-1 with
+    j >= i (a causal triangle once both blocks are reversed), and nothing else. Each part
+    runs in the device's fused kernel without a mask, computing about the band's pairs;
+    the parts are merged exactly through their log-sum-exps. Needs ``N % w == 0``
+    (:func:`blocks_apply`); otherwise the banded-chunks kernel runs.
+    """
+    b, h, n, d = q.shape
+    if not blocks_apply(n, window, q.device):
+        return chunked_window_attention(q, k, v, window)
+    nb = n // window
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B, nb, H, w, D]
+        return x.unflatten(2, (nb, window)).transpose(1, 2)
+
+    def part(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = qs.shape[1]
+        out, lse = _attention_with_lse(*(x.reshape(-1, h, window, d) for x in (qs, ks, vs)), causal)
+        return out.view(b, blocks, h, window, d), lse.view(b, blocks, h, window).to(torch.promote_types(q.dtype, lse.dtype))
+
+    qs, ks, vs = split(q), split(k), split(v)
+    o_same, l_same = part(qs, ks, vs, False)
+    o_next, l_next = part(qs[:, :-1], ks[:, 1:], vs[:, 1:], True)
+    o_prev, l_prev = part(*(x.flip(-2) for x in (qs[:, 1:], ks[:, :-1], vs[:, :-1])), True)
+    o_prev, l_prev = o_prev.flip(-2), l_prev.flip(-1)
+    total = l_same.clone()
+    total[:, :-1] = torch.logaddexp(total[:, :-1], l_next)
+    total[:, 1:] = torch.logaddexp(total[:, 1:], l_prev)
+    out = o_same * (l_same - total).exp().unsqueeze(-1)
+    out[:, :-1] += o_next * (l_next - total[:, :-1]).exp().unsqueeze(-1)
+    out[:, 1:] += o_prev * (l_prev - total[:, 1:]).exp().unsqueeze(-1)
+    return out.transpose(1, 2).reshape(b, h, n, d).to(q.dtype)
+
+
 @functools.cache
 def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
@@ -120,8 +177,18 @@ def flex_window_attention(
 def auto_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
 ) -> torch.Tensor:
-    """The fastest exact window kernel for ``q``'s device: FlexAttention on CUDA, banded chunks elsewhere."""
-    kernel = flex_window_attention if q.device.type == "cuda" else chunked_window_attention
+    """The fastest exact window kernel measured for ``q``'s device (``bench/RESULTS.md``).
+
+    CUDA: fused blocks when the tokens are a whole number of windows, else FlexAttention.
+    CPU: fused blocks for windows of 512 tokens or more, else banded chunks.
+    """
+    n = q.shape[-2]
+    if q.device.type == "cuda":
+        kernel = blocked_window_attention if blocks_apply(n, window, q.device) else flex_window_attention
+    elif q.device.type == "cpu" and window >= 512 and blocks_apply(n, window, q.device):
+        kernel = blocked_window_attention
+    else:
+        kernel = chunked_window_attention
     return kernel(q, k, v, window)
 
 
@@ -129,6 +196,7 @@ WindowKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.T
 
 _WINDOW_KERNELS: dict[str, WindowKernel] = {
     "auto": auto_window_attention,
+    "blocks": blocked_window_attention,
     "chunked": chunked_window_attention,
     "flex": flex_window_attention,
     "dense": dense_window_attention,
