@@ -26,12 +26,16 @@ def check_writable(path: Path) -> None:
 
 
 def write_plan(plan: Plan, path: Path) -> None:
-    """Write ``plan`` as JSON to ``path`` through a temporary file and a rename.
+    """Write ``plan`` as JSON to ``path``, atomically (see :func:`write_atomic`)."""
+    write_atomic(encode_plan(plan), path)
+
+
+def write_atomic(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
 
     A failure or an interrupt leaves either the previous file or none, never a
-    partial plan.
+    partial one.
     """
-    data = encode_plan(plan)
     try:
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:

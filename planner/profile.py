@@ -12,8 +12,6 @@ transformer output. ``planner.compile`` turns the profile into a plan for any δ
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +24,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 import runtime
 from planner.build import BuildRequest, draft_plan, generation_kwargs, video_frames
-from planner.errors import PlannerError, bad_input
+from planner.errors import bad_input
+from planner.output import write_atomic
 from planner.search import CANDIDATES, CFG_SHARING, Chunks, rel_l1
 from runtime.recording import Recorder
 from runtime.runner import Runner
@@ -232,27 +231,7 @@ def profile_model(
 
 
 def write_profile(profile: Profile, path: Path) -> int:
-    """Write ``profile`` (msgpack) through a temporary file and a rename; returns its size in bytes.
-
-    A failure or an interrupt leaves either the previous file or none.
-    """
+    """Write ``profile`` (msgpack) atomically; returns its size in bytes."""
     data = encode_profile(profile)
-    try:
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise PlannerError(f"output: cannot write {str(path)!r}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)
-        os.replace(temporary, path)
-    except BaseException as exc:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise PlannerError(f"output: cannot write {str(path)!r}: {exc.strerror or exc}") from None
-        raise
+    write_atomic(data, path)
     return len(data)

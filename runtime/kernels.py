@@ -179,12 +179,11 @@ def auto_window_attention(
 ) -> torch.Tensor:
     """The fastest exact window kernel measured for ``q``'s device (``bench/RESULTS.md``).
 
-    CUDA: fused blocks when the tokens are a whole number of windows, else FlexAttention.
-    CPU: fused blocks for windows of 512 tokens or more, else banded chunks.
+    CUDA: FlexAttention. CPU: fused blocks for windows of 512 tokens or more, else banded chunks.
     """
     n = q.shape[-2]
     if q.device.type == "cuda":
-        kernel = blocked_window_attention if blocks_apply(n, window, q.device) else flex_window_attention
+        kernel = flex_window_attention
     elif q.device.type == "cpu" and window >= 512 and blocks_apply(n, window, q.device):
         kernel = blocked_window_attention
     else:
