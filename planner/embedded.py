@@ -87,7 +87,7 @@ EMBEDDED_MODELS: Mapping[str, EmbeddedModel] = MappingProxyType(
             calibration_digits=_DIT_CALIBRATION,
             eval_prompts=_DIT_EVAL,
             eval_digits=_DIT_EVAL,
-            accuracy=0.0,
+            accuracy=0.97,
         ),
         "pixart-digits": EmbeddedModel(
             name="pixart-digits",
@@ -105,7 +105,7 @@ EMBEDDED_MODELS: Mapping[str, EmbeddedModel] = MappingProxyType(
             calibration_digits=_PIXART_CALIBRATION_DIGITS,
             eval_prompts=_PIXART_EVAL,
             eval_digits=_PIXART_EVAL_DIGITS,
-            accuracy=0.0,
+            accuracy=0.37,
             call_kwargs=MappingProxyType(
                 {"use_resolution_binning": False, "clean_caption": False, "max_sequence_length": 16}
             ),

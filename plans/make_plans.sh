@@ -3,11 +3,13 @@
 # settings D1…D6 (δ = 0.975 … 0.85), with the model's defaults (its calibration
 # prompts or classes, 20 steps, its guidance, window N/8, seed 0), on the CPU in float32.
 #
-#     sh plans/make_plans.sh            # from the repository root, after `make setup`
+#     sh plans/make_plans.sh                # every model, from the repository root, after `make setup`
+#     sh plans/make_plans.sh dit-digits     # one model
 set -eu
 cd "$(dirname "$0")/.."
 PLANNER=${PLANNER:-.venv/bin/planner}
-for model in dit-digits pixart-digits latte-digits; do
+[ $# -gt 0 ] || set -- dit-digits pixart-digits latte-digits
+for model in "$@"; do
     mkdir -p "plans/$model"
     i=1
     for delta in 0.975 0.95 0.925 0.9 0.875 0.85; do

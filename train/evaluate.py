@@ -97,13 +97,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--locality", action="store_true", help="also measure attention locality")
     parser.add_argument("--grid", type=Path, default=None, help="write the samples as a PNG grid")
+    parser.add_argument("--folder", type=Path, default=None, help="evaluate this pipeline folder instead")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
     model = embedded_model(args.name)
-    pipe = load_embedded(args.name)
+    if args.folder is None:
+        pipe = load_embedded(args.name)
+    else:
+        import diffusers
+
+        cls = getattr(diffusers, model.pipeline)
+        pipe = cls.from_pretrained(str(args.folder), local_files_only=True, low_cpu_mem_usage=False)
+        pipe.set_progress_bar_config(disable=True)
     prompts, digits = prompts_for(args.name, args.per_digit, args.phrasings)
     overrides: dict[str, Any] = {}
     if args.guidance is not None:

@@ -1,0 +1,53 @@
+"""The plans shipped in ``plans/``: one per embedded model and setting D1…D6, each valid and fitting its model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import runtime
+from planner.calibration import inputs_hash
+from planner.embedded import EMBEDDED_MODELS
+from planner.loading import load_transformer_skeleton
+from planner.registry import resolve_model
+
+PLANS = Path(__file__).resolve().parents[2] / "plans"
+DELTAS = {1: 0.975, 2: 0.95, 3: 0.925, 4: 0.9, 5: 0.875, 6: 0.85}
+MODELS = ["dit-digits", "pixart-digits"]
+SHIPPED = [(name, d) for name in MODELS for d in DELTAS]
+
+
+def path_of(name: str, d: int) -> Path:
+    return PLANS / name / f"d{d}.json"
+
+
+@pytest.mark.parametrize("name, d", SHIPPED, ids=[f"{n}-d{d}" for n, d in SHIPPED])
+def test_shipped_plan_records_its_model_and_setting(name: str, d: int) -> None:
+    plan = runtime.load_plan(path_of(name, d))  # decodes and checks every cross-field rule
+    model = EMBEDDED_MODELS[name]
+    assert plan.model.name == name
+    assert plan.calibration is not None and plan.calibration.delta == DELTAS[d]
+    assert plan.calibration.prompts_hash == inputs_hash(list(model.calibration_prompts))
+    assert plan.calibration.num_prompts == len(model.calibration_prompts)
+    assert plan.sampling.num_steps == model.steps and plan.sampling.guidance_scale == model.guidance
+    assert plan.sampling.cfg and plan.sampling.cfg_order == model.cfg_order
+    assert (plan.tokens.num_tokens, plan.tokens.height, plan.tokens.width) == (model.tokens, model.height, model.width)
+    assert plan.window == model.window and plan.model.num_layers == model.layers
+
+
+@pytest.mark.parametrize("name, d", SHIPPED, ids=[f"{n}-d{d}" for n, d in SHIPPED])
+def test_shipped_plan_fits_its_model(name: str, d: int) -> None:
+    spec = resolve_model(name)
+    if not (Path(spec.source) / "model_index.json").is_file():
+        pytest.skip(f"models/{name} is not on this machine")
+    plan = runtime.load_plan(path_of(name, d))
+    assert plan.sampling.cfg_order == spec.family.cfg_order
+    runtime.apply(plan, load_transformer_skeleton(spec), strict=True).remove()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_lower_delta_keeps_no_more_attention(name: str) -> None:
+    kept = [runtime.load_plan(path_of(name, d)).summary.attention_flops_fraction for d in DELTAS]
+    assert kept == sorted(kept, reverse=True), kept
+    assert kept[-1] < 1.0
