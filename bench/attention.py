@@ -46,7 +46,8 @@ def main() -> None:
     rows = []
     for n in map(int, args.tokens.split(",")):
         window = max(1, int(n * args.window_frac))
-        q, k, v = (torch.randn(2, 16, n, 72, device=device, dtype=dtype) for _ in range(3))
+        # [batch, tokens, heads, dim] seen as [batch, heads, tokens, dim]: the layout the processor gets
+        q, k, v = (torch.randn(2, n, 16, 72, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
         calls = method_calls(q, k, v, window, args.kernel)
         reps = 1 if n >= 16384 and device.type == "cpu" else args.reps
         times = {m: measure(fn, device, reps) for m, fn in calls.items()}

@@ -111,26 +111,28 @@ def blocked_window_attention(
         return chunked_window_attention(q, k, v, window)
     nb = n // window
 
-    def split(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B, nb, H, w, D]
-        return x.unflatten(2, (nb, window)).transpose(1, 2)
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B * nb, H, w, D], a view when it can be
+        return x.unflatten(2, (nb, window)).transpose(1, 2).reshape(b * nb, h, window, d)
 
-    def part(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = qs.shape[1]
-        out, lse = _attention_with_lse(*(x.reshape(-1, h, window, d) for x in (qs, ks, vs)), causal)
-        return out.view(b, blocks, h, window, d), lse.view(b, blocks, h, window).to(torch.promote_types(q.dtype, lse.dtype))
-
-    qs, ks, vs = split(q), split(k), split(v)
-    o_same, l_same = part(qs, ks, vs, False)
-    o_next, l_next = part(qs[:, :-1], ks[:, 1:], vs[:, 1:], True)
-    o_prev, l_prev = part(*(x.flip(-2) for x in (qs[:, 1:], ks[:, :-1], vs[:, :-1])), True)
+    qs, ks, vs = blocks(q), blocks(k), blocks(v)
+    # Block I with block I+1 of the flattened batch: the pair that crosses into the next
+    # sample (its last block) is computed and weighted out below, which avoids copies.
+    o_same, l_same = _attention_with_lse(qs, ks, vs, False)
+    o_next, l_next = _attention_with_lse(qs[:-1], ks[1:], vs[1:], True)
+    o_prev, l_prev = _attention_with_lse(*(x.flip(-2) for x in (qs[1:], ks[:-1], vs[:-1])), True)
     o_prev, l_prev = o_prev.flip(-2), l_prev.flip(-1)
+    dtype = torch.promote_types(q.dtype, l_same.dtype)
+    l_same, l_next, l_prev = (x.to(dtype).reshape(-1, h, window, 1) for x in (l_same, l_next, l_prev))
+    last = torch.arange(1, b * nb) % nb == 0  # next-block pairs that cross a sample boundary
+    l_next = l_next.masked_fill(last.view(-1, 1, 1, 1).to(q.device), float("-inf"))
+    l_prev = l_prev.masked_fill(last.view(-1, 1, 1, 1).to(q.device), float("-inf"))
     total = l_same.clone()
-    total[:, :-1] = torch.logaddexp(total[:, :-1], l_next)
-    total[:, 1:] = torch.logaddexp(total[:, 1:], l_prev)
-    out = o_same * (l_same - total).exp().unsqueeze(-1)
-    out[:, :-1] += o_next * (l_next - total[:, :-1]).exp().unsqueeze(-1)
-    out[:, 1:] += o_prev * (l_prev - total[:, 1:]).exp().unsqueeze(-1)
-    return out.transpose(1, 2).reshape(b, h, n, d).to(q.dtype)
+    total[:-1] = torch.logaddexp(total[:-1], l_next)
+    total[1:] = torch.logaddexp(total[1:], l_prev)
+    out = o_same.to(dtype) * (l_same - total).exp()
+    out[:-1].addcmul_(o_next, (l_next - total[:-1]).exp())
+    out[1:].addcmul_(o_prev, (l_prev - total[1:]).exp())
+    return out.view(b, nb, h, window, d).transpose(1, 2).reshape(b, h, n, d).to(q.dtype)
 
 
 @functools.cache
