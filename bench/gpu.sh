@@ -18,7 +18,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PY" -c "import torch; print('torch', torch.__version__)"
 } 2>&1 | tee "$OUT/device.txt"
-for kernel in blocks flex; do
+for kernel in chunked flex; do
   timeout 200 "$PY" -m bench.attention --device cuda --tokens 1024,4096,16384 --reps 10 --kernel $kernel 2>&1 \
     | tee "$OUT/attention-$kernel.md"
 done

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("auto", "blocks", "chunked", "flex", "dense")
+KERNELS = ("auto", "chunked", "flex", "dense")
 
 
 def window_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int) -> torch.Tensor:
@@ -76,65 +76,6 @@ def chunked_window_attention(
     return out
 
 
-def _attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention and its log-sum-exp per query, ``causal`` meaning key ``j <= i``."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
-    elif q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
-    return out, lse[..., : q.shape[-2]]
-
-
-def blocks_apply(num_tokens: int, window: int, device: torch.device) -> bool:
-    """Whether the ``blocks`` kernel can run: tokens a whole number of windows, on CPU or CUDA."""
-    return device.type in ("cpu", "cuda") and 0 < window < num_tokens - 1 and num_tokens % window == 0
-
-
-def blocked_window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
-) -> torch.Tensor:
-    """Window attention as three fused-attention calls over blocks of ``window`` tokens.
-
-    With blocks of exactly w tokens, query block I sees all of key block I, the keys of
-    block I+1 with local index j <= i (a causal triangle) and those of block I-1 with
-    j >= i (a causal triangle once both blocks are reversed), and nothing else. Each part
-    runs in the device's fused kernel without a mask, computing about the band's pairs;
-    the parts are merged exactly through their log-sum-exps. Needs ``N % w == 0``
-    (:func:`blocks_apply`); otherwise the banded-chunks kernel runs.
-    """
-    b, h, n, d = q.shape
-    if not blocks_apply(n, window, q.device):
-        return chunked_window_attention(q, k, v, window)
-    nb = n // window
-
-    def blocks(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B * nb, H, w, D], a view when it can be
-        return x.unflatten(2, (nb, window)).transpose(1, 2).reshape(b * nb, h, window, d)
-
-    qs, ks, vs = blocks(q), blocks(k), blocks(v)
-    # Block I with block I+1 of the flattened batch: the pair that crosses into the next
-    # sample (its last block) is computed and weighted out below, which avoids copies.
-    o_same, l_same = _attention_with_lse(qs, ks, vs, False)
-    o_next, l_next = _attention_with_lse(qs[:-1], ks[1:], vs[1:], True)
-    o_prev, l_prev = _attention_with_lse(*(x.flip(-2) for x in (qs[1:], ks[:-1], vs[:-1])), True)
-    o_prev, l_prev = o_prev.flip(-2), l_prev.flip(-1)
-    dtype = torch.promote_types(q.dtype, l_same.dtype)
-    l_same, l_next, l_prev = (x.to(dtype).reshape(-1, h, window, 1) for x in (l_same, l_next, l_prev))
-    last = torch.arange(1, b * nb) % nb == 0  # next-block pairs that cross a sample boundary
-    l_next = l_next.masked_fill(last.view(-1, 1, 1, 1).to(q.device), float("-inf"))
-    l_prev = l_prev.masked_fill(last.view(-1, 1, 1, 1).to(q.device), float("-inf"))
-    total = l_same.clone()
-    total[:-1] = torch.logaddexp(total[:-1], l_next)
-    total[1:] = torch.logaddexp(total[1:], l_prev)
-    out = o_same.to(dtype) * (l_same - total).exp()
-    out[:-1].addcmul_(o_next, (l_next - total[:-1]).exp())
-    out[1:].addcmul_(o_prev, (l_prev - total[1:]).exp())
-    return out.view(b, nb, h, window, d).transpose(1, 2).reshape(b, h, n, d).to(q.dtype)
-
-
 @functools.cache
 def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
@@ -179,17 +120,9 @@ def flex_window_attention(
 def auto_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
 ) -> torch.Tensor:
-    """The fastest exact window kernel measured for ``q``'s device (``bench/RESULTS.md``).
-
-    CUDA: FlexAttention. CPU: fused blocks for windows of 512 tokens or more, else banded chunks.
-    """
-    n = q.shape[-2]
-    if q.device.type == "cuda":
-        kernel = flex_window_attention
-    elif q.device.type == "cpu" and window >= 512 and blocks_apply(n, window, q.device):
-        kernel = blocked_window_attention
-    else:
-        kernel = chunked_window_attention
+    """The fastest exact window kernel measured for ``q``'s device (``bench/RESULTS.md``):
+    compiled FlexAttention on CUDA, banded chunks elsewhere."""
+    kernel = flex_window_attention if q.device.type == "cuda" else chunked_window_attention
     return kernel(q, k, v, window)
 
 
@@ -197,7 +130,6 @@ WindowKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.T
 
 _WINDOW_KERNELS: dict[str, WindowKernel] = {
     "auto": auto_window_attention,
-    "blocks": blocked_window_attention,
     "chunked": chunked_window_attention,
     "flex": flex_window_attention,
     "dense": dense_window_attention,
