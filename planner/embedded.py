@@ -154,9 +154,9 @@ VIDEO_MODELS: Mapping[str, EmbeddedModel] = MappingProxyType(
             calibration_digits=_LATTE_CALIBRATION_DIGITS,
             eval_prompts=_LATTE_EVAL,
             eval_digits=_PIXART_EVAL_DIGITS,
-            accuracy=0.10,
+            accuracy=0.116,
             call_kwargs=MappingProxyType({"clean_caption": False, "video_length": 8, "mask_feature": False}),
-            motion=0.10,
+            motion=0.375,
         ),
     }
 )

@@ -2,13 +2,21 @@
 
     .venv/bin/python -m train.latte          # needs models/vae-digits/; writes models/latte-digits/
     .venv/bin/python -m train.latte --evaluate --videos 40   # per-frame accuracy, motion consistency
+    .venv/bin/python -m train.latte --evaluate --out /tmp/latte-new   # a folder not yet shipped
 
 Videos are 8 frames of 32×32 (:mod:`train.moving`), encoded once by the shared VAE into
 ``[4, 8, 16, 16]`` latents. Captions ("a seven moving left", "the digit 7 sliding left", ...)
 come from :data:`train.moving.TRAIN_TEMPLATES`; :data:`train.moving.HELDOUT_TEMPLATES` never
 appear in training. The tokenizer is the PixArt word-level vocabulary plus the motion words;
 the T5 encoder starts from ``models/pixart-digits``' when that exists (embeddings resized),
-else from scratch, and trains jointly.
+else (or with ``--fresh-text-encoder``) from scratch. Before the joint training it learns for a
+few hundred cheap steps to tell the caption's digit and direction from every output token the
+transformer will see (two linear heads, discarded), and the transformer's caption projection is
+initialised orthogonally and scaled so those tokens reach cross-attention at unit RMS
+(:func:`train.diffusion.init_caption_projection`; diffusers' default init shrinks them about
+tenfold and the first model learned to ignore the captions). ``--text-lr-scale`` and
+``--caption-lr-scale`` multiply the learning rates of the T5 encoder and of the caption projection
+and cross-attention.
 
 Text is fed exactly as ``LattePipeline(..., mask_feature=False)`` feeds it: prompts padded to
 120 tokens and encoded with the attention mask, every one of the 120 outputs kept (pad
@@ -32,7 +40,17 @@ import torch.nn.functional as F
 from diffusers import LattePipeline, LatteTransformer3DModel
 from transformers import T5EncoderModel, T5Tokenizer
 
-from train.diffusion import EMA, fit, inference_scheduler, noisy_batch, training_scheduler
+from train.diffusion import (
+    EMA,
+    checkpoint_path,
+    fit,
+    inference_scheduler,
+    init_caption_projection,
+    min_snr_weights,
+    noisy_batch,
+    training_scheduler,
+    weighted_mse,
+)
 from train.moving import DIRECTIONS, FRAMES, MOTION_WORDS, TRAIN_TEMPLATES, encode_videos, video_caption, video_dataset
 from train.pixart import build_text_encoder
 from train.pixart import build_tokenizer as build_pixart_tokenizer
@@ -92,6 +110,51 @@ def initial_text_encoder(vocab_size: int, width: int, fresh: bool = False) -> tu
     return build_text_encoder(vocab_size, width), "random init"
 
 
+def pretrain_text_encoder(
+    text_encoder: T5EncoderModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    keep: torch.Tensor,
+    digits: torch.Tensor,
+    directions: torch.Tensor,
+    *,
+    steps: int,
+    generator: torch.Generator,
+    batch: int = 64,
+    lr: float = 3e-3,
+) -> float:
+    """Teach every kept output token (``keep``: the positions the transformer sees) the caption's digit
+    and direction (per-token cross-entropy, two linear heads); returns the final token accuracy (both right)."""
+    width = text_encoder.config.d_model
+    digit_head, dir_head = torch.nn.Linear(width, 10), torch.nn.Linear(width, len(DIRECTIONS))
+    params = [*text_encoder.parameters(), *digit_head.parameters(), *dir_head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    acc = 0.0
+    for step in range(steps):
+        rows = torch.randint(len(ids), (batch,), generator=generator)
+        k = keep[rows].bool()
+        hidden = text_encoder(ids[rows], attention_mask=mask[rows]).last_hidden_state[k]
+        d, m = digits[rows, None].expand_as(k)[k], directions[rows, None].expand_as(k)[k]
+        d_logits, m_logits = digit_head(hidden), dir_head(hidden)
+        loss = F.cross_entropy(d_logits, d) + F.cross_entropy(m_logits, m)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0 or step == steps - 1:
+            with torch.no_grad():
+                acc = float(((d_logits.argmax(-1) == d) & (m_logits.argmax(-1) == m)).float().mean())
+            print(f"text encoder step {step + 1:4d}/{steps}  loss {loss.item():.4f}  token accuracy {acc:.3f}")
+    return acc
+
+
+def lr_scale(name: str, text: float, caption: float) -> float:
+    """Learning-rate multiplier of a parameter of ``{"transformer": ..., "text_encoder": ...}``: ``text`` for
+    the T5 encoder, ``caption`` for the caption projection and cross-attention, 1 elsewhere."""
+    if name.startswith("text_encoder."):
+        return text
+    return caption if ".caption_projection." in name or ".attn2." in name else 1.0
+
+
 def train(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -117,12 +180,33 @@ def train(args: argparse.Namespace) -> None:
         text_encoder, origin = initial_text_encoder(len(tokenizer), args.text_width, args.fresh_text_encoder)
         model = build_transformer(args.width, args.heads, args.layers, text_encoder.config.d_model, args.patch)
     both = torch.nn.ModuleDict({"transformer": model, "text_encoder": text_encoder}).eval()
-    params = [p for p in both.parameters() if p.requires_grad]
     print(
         f"latte: width {args.width}, {args.layers}+{args.layers} layers, patch {args.patch}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters; t5 ({origin}): "
         f"{sum(p.numel() for p in text_encoder.parameters()):,} parameters; vocabulary {len(tokenizer)}"
     )
+    checkpoint = None if args.no_resume else checkpoint_path("latte", args)
+    if args.init is None and (checkpoint is None or not checkpoint.is_file()):  # a checkpoint holds both inits
+        # Positions the transformer sees: all 120 (mask_feature=False), else the caption's tokens.
+        keep = tokens.attention_mask if args.mask_feature else torch.ones_like(tokens.attention_mask)
+        if args.text_pretrain_steps > 0:
+            row = torch.arange(null_row)  # caption rows only
+            pretrain_text_encoder(
+                text_encoder,
+                tokens.input_ids[:null_row],
+                tokens.attention_mask[:null_row],
+                keep[:null_row],
+                row // (n_dir * n_tpl),
+                row // n_tpl % n_dir,
+                steps=args.text_pretrain_steps,
+                generator=torch.Generator().manual_seed(args.seed + 2),
+            )
+        if not args.default_caption_init:
+            with torch.no_grad():
+                enc = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+                enc = enc[keep.bool() | (torch.arange(len(texts)) == null_row)[:, None]]
+            factor = init_caption_projection(model.caption_projection, enc)
+            print(f"caption projection: orthogonal, linear_2 scaled by {factor:.2f} to unit output RMS")
     ema = EMA(both, decay=args.ema)
     sched = training_scheduler()
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -141,9 +225,22 @@ def train(args: argparse.Namespace) -> None:
         text = enc[inverse]
         xt, t, noise = noisy_batch(sched, latents[idx], gen)
         pred = model(xt, timestep=t, encoder_hidden_states=text).sample
+        if args.min_snr:
+            return weighted_mse(pred[:, :4], noise, min_snr_weights(sched, t))
         return F.mse_loss(pred[:, :4], noise)
 
-    fit(params, loss_fn, steps=args.steps, lr=args.lr, warmup=args.warmup, on_step=lambda: ema.update(both), start=start)
+    fit(
+        both,
+        ema,
+        loss_fn,
+        gen,
+        steps=args.steps,
+        lr=args.lr,
+        warmup=args.warmup,
+        lr_scale=lambda name: lr_scale(name, args.text_lr_scale, args.caption_lr_scale),
+        checkpoint=checkpoint,
+        start=start,
+    )
 
     pipe = LattePipeline(
         tokenizer=tokenizer,
@@ -174,7 +271,12 @@ def evaluate(args: argparse.Namespace) -> None:
         prompts.append(video_caption(d, m, templates[int(torch.randint(len(templates), (1,), generator=gen))]))
         digits.append(d)
         dirs.append(m)
-    pipe = load_embedded(name)
+    if args.out.resolve() == model.folder.resolve():
+        pipe = load_embedded(name)
+    else:  # a trained folder not yet shipped: loaded the same way
+        pipe = LattePipeline.from_pretrained(str(args.out), local_files_only=True, low_cpu_mem_usage=False)
+        pipe.set_progress_bar_config(disable=True)
+    print(f"evaluating {args.out}")
     start = time.perf_counter()
     videos = []
     for i in range(0, len(prompts), args.eval_batch):
@@ -198,9 +300,9 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=650)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--width", type=int, default=64)
@@ -211,7 +313,7 @@ def main() -> None:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--copies", type=int, default=2, help="copies of the dataset (random directions) to encode")
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="pipeline folder to write (with --evaluate: to measure)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     parser.add_argument(
         "--mask-feature",
@@ -220,6 +322,16 @@ def main() -> None:
         help="train for LattePipeline(mask_feature=True) (prompt embeddings zeroed at pads); default: unmasked",
     )
     parser.add_argument("--fresh-text-encoder", action="store_true", help="random T5 even if pixart-digits exists")
+    parser.add_argument("--text-pretrain-steps", type=int, default=300, help="digit + direction pretraining of T5")
+    parser.add_argument(
+        "--default-caption-init", action="store_true", help="keep diffusers' caption projection init (the old model)"
+    )
+    parser.add_argument(
+        "--text-lr-scale", type=float, default=0.0, help="lr multiplier of the T5 encoder (0: frozen after pretraining)"
+    )
+    parser.add_argument("--caption-lr-scale", type=float, default=1.0, help="lr multiplier: caption projection, attn2")
+    parser.add_argument("--min-snr", action=argparse.BooleanOptionalAction, default=True, help="min-SNR-5 weighting")
+    parser.add_argument("--no-resume", action="store_true", help="ignore and do not write build/train/ checkpoints")
     parser.add_argument("--init", type=Path, default=None, help="start from this saved latte pipeline folder")
     parser.add_argument("--evaluate", action="store_true", help="measure the saved model instead of training")
     parser.add_argument("--videos", type=int, default=40, help="with --evaluate: videos to sample")

@@ -14,8 +14,11 @@ from planner.embedded import VIDEO_MODELS, embedded_model, generate, load_embedd
 from train.moving import DIRECTIONS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, moving_videos, video_caption
 
 NAME = "latte-digits"
-# 8 seeded videos (64 frames) vs the card's 40: allow 10 fewer frames in a hundred and 2 of 8 videos.
-SAMPLES = 8
+# 16 seeded videos (128 frames) vs the card's 40: allow 10 fewer frames in a hundred and 3 of 16
+# videos fewer moving the captioned way. The previous, text-blind weights (card 0.100 / 0.100)
+# fall below the motion bound.
+SAMPLES = 16
+FRAME_MARGIN, MOTION_MARGIN = 0.10, 0.20
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,17 @@ def test_unconditional_rows_come_first(pipe: object) -> None:
     assert torch.equal(text[0], text[1]) and not torch.equal(text[2], text[3])
 
 
+def test_samples_reach_card_accuracy_and_motion(pipe: object) -> None:
+    model = embedded_model(NAME)
+    prompts = [model.eval_prompts[i % len(model.eval_prompts)] for i in range(SAMPLES)]
+    digits = [model.eval_digits[i % len(model.eval_digits)] for i in range(SAMPLES)]
+    videos = generate(pipe, NAME, prompts, seed=500)
+    accuracy = video_yardstick.frame_accuracy(videos, digits)
+    motion = video_yardstick.motion_consistency(videos, [video_yardstick.direction_of(p) for p in prompts])
+    assert accuracy >= model.accuracy - FRAME_MARGIN, f"per-frame accuracy {accuracy:.3f} vs card {model.accuracy}"
+    assert motion >= model.motion - MOTION_MARGIN, f"motion consistency {motion:.3f} vs card {model.motion}"
+
+
 def test_captions_are_split_between_calibration_and_evaluation(pipe: object) -> None:
     model = embedded_model(NAME)
     trained = {video_caption(d, m, t) for d in range(10) for m in DIRECTIONS for t in TRAIN_TEMPLATES}
@@ -65,6 +79,24 @@ def test_captions_are_split_between_calibration_and_evaluation(pipe: object) -> 
     assert {video_yardstick.direction_of(p) for p in model.eval_prompts} == set(DIRECTIONS)
     ids = pipe.tokenizer(list(model.calibration_prompts + model.eval_prompts)).input_ids
     assert all(pipe.tokenizer.unk_token_id not in row for row in ids)
+
+
+def test_caption_projection_init_passes_text_at_unit_scale() -> None:
+    """train.diffusion.init_caption_projection: orthogonal, zero biases, unit output RMS on the given states."""
+    from diffusers.models.embeddings import PixArtAlphaTextProjection
+
+    from train.diffusion import init_caption_projection
+
+    torch.manual_seed(0)
+    proj = PixArtAlphaTextProjection(64, 64, act_fn="gelu_tanh")
+    states = torch.randn(4, 120, 64)
+    with torch.no_grad():
+        assert proj(states).pow(2).mean().sqrt() < 0.5  # diffusers' default init shrinks the text
+        factor = init_caption_projection(proj, states)
+        assert factor > 1 and abs(float(proj(states).pow(2).mean().sqrt()) - 1.0) < 1e-4
+    assert float(proj.linear_1.bias.abs().max()) == 0.0 and float(proj.linear_2.bias.abs().max()) == 0.0
+    w = proj.linear_1.weight.detach()
+    assert torch.allclose(w @ w.T, torch.eye(64), atol=1e-5)
 
 
 # ---- video yardstick ---------------------------------------------------------------------------
@@ -108,27 +140,20 @@ def test_video_formats_agree() -> None:
 # ---- shipped plans -------------------------------------------------------------------------------
 
 
-SHIPPED: dict[int, float] = {}  # D-level: δ of the plans in plans/latte-digits/ (none built yet)
+SHIPPED = {1: 0.975, 2: 0.95, 3: 0.925, 4: 0.9, 5: 0.875, 6: 0.85}  # D-level: δ of plans/latte-digits/dN.json
 
 
 @pytest.mark.parametrize("d", sorted(SHIPPED))
-def test_shipped_plans_fit_the_model_and_describe_both_layer_kinds(d: int) -> None:
+def test_shipped_plans_describe_both_layer_kinds(d: int) -> None:
+    """Video specifics; what every shipped plan must satisfy is in tests/planner/test_shipped_plans.py."""
     import runtime
-    from planner.calibration import inputs_hash
-    from planner.loading import load_transformer_skeleton
-    from planner.registry import resolve_model
 
     model = embedded_model(NAME)
     plan = runtime.load_plan(model.folder.parent.parent / "plans" / NAME / f"d{d}.json")
-    assert plan.model.name == NAME and plan.calibration is not None and plan.calibration.delta == SHIPPED[d]
-    assert plan.calibration.prompts_hash == inputs_hash(list(model.calibration_prompts))
-    assert plan.sampling.num_steps == model.steps and plan.sampling.guidance_scale == model.guidance
-    assert plan.sampling.cfg_order == model.cfg_order and plan.window == model.window
+    assert plan.calibration is not None and plan.calibration.delta == SHIPPED[d]
     frames = model.call_kwargs["video_length"]
-    assert plan.tokens.frames == frames and plan.model.num_layers == model.layers
+    assert plan.tokens.frames == frames
     assert [layer.kind for layer in plan.layers] == ["spatial", "temporal"] * (model.layers // 2)
-    assert [(layer.num_tokens, layer.window) for layer in plan.layers] == [(model.tokens, model.window), (frames, 1)] * (
-        model.layers // 2
-    )
+    expected = [(model.tokens, model.window), (frames, 1)] * (model.layers // 2)
+    assert [(layer.num_tokens, layer.window) for layer in plan.layers] == expected
     assert all(m == "full" for m in plan.methods[0])
-    runtime.apply(plan, load_transformer_skeleton(resolve_model(NAME)), strict=True).remove()

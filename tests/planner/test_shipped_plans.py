@@ -8,13 +8,13 @@ import pytest
 
 import runtime
 from planner.calibration import inputs_hash
-from planner.embedded import EMBEDDED_MODELS
+from planner.embedded import embedded_model
 from planner.loading import load_transformer_skeleton
 from planner.registry import resolve_model
 
 PLANS = Path(__file__).resolve().parents[2] / "plans"
 DELTAS = {1: 0.975, 2: 0.95, 3: 0.925, 4: 0.9, 5: 0.875, 6: 0.85}
-MODELS = ["dit-digits", "pixart-digits"]
+MODELS = ["dit-digits", "pixart-digits", "latte-digits"]
 SHIPPED = [(name, d) for name in MODELS for d in DELTAS]
 
 
@@ -25,7 +25,7 @@ def path_of(name: str, d: int) -> Path:
 @pytest.mark.parametrize("name, d", SHIPPED, ids=[f"{n}-d{d}" for n, d in SHIPPED])
 def test_shipped_plan_records_its_model_and_setting(name: str, d: int) -> None:
     plan = runtime.load_plan(path_of(name, d))  # decodes and checks every cross-field rule
-    model = EMBEDDED_MODELS[name]
+    model = embedded_model(name)
     assert plan.model.name == name
     assert plan.calibration is not None and plan.calibration.delta == DELTAS[d]
     assert plan.calibration.prompts_hash == inputs_hash(list(model.calibration_prompts))
