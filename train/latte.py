@@ -9,12 +9,13 @@ Videos are 8 frames of 32×32 (:mod:`train.moving`), encoded once by the shared 
 come from :data:`train.moving.TRAIN_TEMPLATES`; :data:`train.moving.HELDOUT_TEMPLATES` never
 appear in training. The tokenizer is the PixArt word-level vocabulary plus the motion words;
 the T5 encoder starts from ``models/pixart-digits``' when that exists (embeddings resized),
-else (or with ``--fresh-text-encoder``) from scratch. Before the joint training it learns for a
-few hundred cheap steps to tell the caption's digit and direction from every output token the
-transformer will see (two linear heads, discarded), and the transformer's caption projection is
-initialised orthogonally and scaled so those tokens reach cross-attention at unit RMS
-(:func:`train.diffusion.init_caption_projection`; diffusers' default init shrinks them about
-tenfold and the first model learned to ignore the captions). ``--text-lr-scale`` and
+else (or with ``--fresh-text-encoder``) from scratch. It first learns for a few hundred cheap
+steps to tell the caption's digit and direction from every output token the transformer will see
+(two linear heads, discarded) and then stays frozen by default (``--text-lr-scale 0``: trained
+jointly, it collapsed the caption signal). The transformer's caption projection is initialised
+orthogonally and scaled so those tokens reach cross-attention at unit RMS
+(:func:`train.diffusion.init_caption_projection`; diffusers' default init passes them well below
+unit scale, and a model trained from it learned to ignore the captions). ``--text-lr-scale`` and
 ``--caption-lr-scale`` multiply the learning rates of the T5 encoder and of the caption projection
 and cross-attention.
 
