@@ -87,7 +87,7 @@ def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
 def _window_block_mask(num_tokens: int, window: int, device: torch.device, compiled: bool) -> object:
     from torch.nn.attention.flex_attention import create_block_mask
 
-    bound = torch.tensor(window, device=device)  # data, not a constant: no recompile per window
+    bound = torch.tensor(window, device=device)  # data, not a constant, so a new window need not recompile
 
     def inside(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return (q_idx - kv_idx).abs() <= bound
