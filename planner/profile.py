@@ -13,8 +13,7 @@ transformer output. ``planner.compile`` turns the profile into a plan for any δ
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,10 @@ import runtime
 from planner.build import BuildRequest, draft_plan, generation_kwargs, video_frames
 from planner.errors import bad_input
 from planner.output import write_atomic
-from planner.search import CANDIDATES, CFG_SHARING, Chunks, rel_l1
+from planner.search import CANDIDATES, CFG_SHARING, ChunkedForward, rel_l1
 from runtime.recording import Recorder
 from runtime.runner import Runner
 from runtime.schedule import Schedule
-from runtime.state import GenerationState
 from schemas import (
     PROFILE_SCHEMA_VERSION,
     Measurements,
@@ -66,7 +64,7 @@ def check_probes(probes: tuple[str, ...], cfg: bool) -> tuple[str, ...]:
     return tuple(m for m in CANDIDATES if m in probes)
 
 
-class ProfileSession:
+class ProfileSession(ChunkedForward):
     """Records every step of the calibration trajectory and probes each layer's gain.
 
     Intercepts the transformer's forward like the greedy search does: per step, the
@@ -85,11 +83,9 @@ class ProfileSession:
         calib_batch: int | None = None,
         progress: ProfileProgress | None = None,
     ) -> None:
-        self.runner = runner
-        self.transformer = transformer
+        super().__init__(runner, transformer, calib_batch)
         self.lags = lags
         self.probes = probes
-        self.calib_batch = calib_batch
         self.progress = progress
         self.num_steps = runner.schedule.num_steps
         self.num_layers = len(runner.schedule.methods[0])
@@ -97,19 +93,9 @@ class ProfileSession:
             m: [[None] * self.num_layers for _ in range(self.num_steps)] for m in probes
         }
         self.recorders: list[Recorder] = []
-        self._original = transformer.forward
-        self._chunks: Chunks | None = None
-        self._states: list[GenerationState] = []
 
-    @contextmanager
-    def attached(self) -> Iterator[None]:
-        """Route the transformer's forward through the session for the duration of the block."""
-        self.transformer.forward = self._forward
-        try:
-            yield
-        finally:
-            del self.transformer.forward
-            self._chunks, self._states = None, []
+    def _chunks_made(self, count: int) -> None:
+        self.recorders = [Recorder(self.lags) for _ in range(count)]
 
     def recorder(self) -> Recorder:
         """All chunks' measurements together."""
@@ -121,19 +107,14 @@ class ProfileSession:
     def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
         runner = self.runner
         outer, step = runner.state, runner.state.step
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if self._chunks is None:
-            self._chunks = Chunks(hidden.shape[0], runner.cfg, self.calib_batch)
-            self._states = [GenerationState() for _ in range(len(self._chunks))]
-            self.recorders = [Recorder(self.lags) for _ in range(len(self._chunks))]
-        parts = self._chunks.split(args, kwargs)
+        parts = self._split(args, kwargs)
         try:
             trials = {}
             if step > 0:
                 for layer in range(self.num_layers):
                     for probe in self.probes:
                         trials[layer, probe] = self._run(step, parts, {layer: probe})
-            outputs = self._run(step, parts, None)
+            outputs = self._run(step, parts, None, self.recorders)
             for layer in range(self.num_layers):
                 for probe in self.probes:
                     if step > 0:
@@ -144,22 +125,6 @@ class ProfileSession:
         finally:
             runner.state, runner.recorder = outer, None
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
-
-    def _run(
-        self, step: int, parts: list[tuple[tuple, dict]], overrides: dict[int, str] | None
-    ) -> list[torch.Tensor]:
-        """Outputs per chunk at ``step``: a probe trial, or the real forward, recorded."""
-        runner, outputs = self.runner, []
-        for state, recorder, (args, kwargs) in zip(self._states, self.recorders, parts):
-            runner.state, state.step = state, step
-            if overrides is None:
-                runner.recorder = recorder
-                outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
-                runner.recorder = None
-            else:
-                with runner.trying(overrides):
-                    outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
-        return outputs
 
 
 def profile_model(

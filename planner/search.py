@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from runtime.recording import Recorder
 from runtime.runner import Runner
 from runtime.state import GenerationState
 
@@ -86,7 +87,69 @@ class Chunks:
         return value
 
 
-class GreedySearch:
+class ChunkedForward:
+    """Routes a transformer's forward through ``_forward`` while ``attached``.
+
+    The calibration batch is split into chunks (:class:`Chunks`), each run on its own
+    generation state, so per-chunk caches stay apart; subclasses decide what a step does.
+    """
+
+    def __init__(self, runner: Runner, transformer: torch.nn.Module, calib_batch: int | None) -> None:
+        self.runner = runner
+        self.transformer = transformer
+        self.calib_batch = calib_batch
+        self._original = transformer.forward
+        self._chunks: Chunks | None = None
+        self._states: list[GenerationState] = []
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        """Route the transformer's forward through this object for the duration of the block."""
+        self.transformer.forward = self._forward
+        try:
+            yield
+        finally:
+            del self.transformer.forward
+            self._chunks, self._states = None, []
+
+    def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def _split(self, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+        """The step's inputs per chunk; the chunks and their states are made at the first step."""
+        if self._chunks is None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._chunks = Chunks(hidden.shape[0], self.runner.cfg, self.calib_batch)
+            self._states = [GenerationState() for _ in range(len(self._chunks))]
+            self._chunks_made(len(self._chunks))
+        return self._chunks.split(args, kwargs)
+
+    def _chunks_made(self, count: int) -> None:
+        """Hook: ``count`` chunks were made."""
+
+    def _run(
+        self,
+        step: int,
+        parts: list[tuple[tuple, dict]],
+        overrides: dict[int, str] | None,
+        recorders: list[Recorder] | None = None,
+    ) -> list[torch.Tensor]:
+        """Outputs per chunk at ``step``: a trial with ``overrides``, or the real forward
+        (recorded by the chunk's recorder when ``recorders`` is given)."""
+        runner, outputs = self.runner, []
+        for i, (state, (args, kwargs)) in enumerate(zip(self._states, parts)):
+            runner.state, state.step = state, step
+            if overrides is None:
+                runner.recorder = recorders[i] if recorders is not None else None
+                outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
+                runner.recorder = None
+            else:
+                with runner.trying(overrides):
+                    outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
+        return outputs
+
+
+class GreedySearch(ChunkedForward):
     """Chooses a method per (step, layer) while the pipeline runs (DESIGN §2).
 
     Writes its choices into ``runner.schedule.methods`` (a ``keep_all`` schedule that
@@ -103,38 +166,19 @@ class GreedySearch:
         calib_batch: int | None = None,
         progress: Progress | None = None,
     ) -> None:
-        self.runner = runner
-        self.transformer = transformer
+        super().__init__(runner, transformer, calib_batch)
         self.delta = delta
-        self.calib_batch = calib_batch
         self.progress = progress
         self.methods = runner.schedule.methods
         self.num_layers = len(self.methods[0])
         self.losses: list[list[float | None]] = [[None] * self.num_layers for _ in self.methods]
         self.candidates = tuple(m for m in CANDIDATES if runner.cfg or m not in CFG_SHARING)
-        self._original = transformer.forward
-        self._chunks: Chunks | None = None
-        self._states: list[GenerationState] = []
-
-    @contextmanager
-    def attached(self) -> Iterator[None]:
-        """Route the transformer's forward through the search for the duration of the block."""
-        self.transformer.forward = self._forward
-        try:
-            yield
-        finally:
-            del self.transformer.forward
-            self._chunks, self._states = None, []
 
     # -- one denoising step --------------------------------------------------
     def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
         runner = self.runner
         outer, step = runner.state, runner.state.step
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if self._chunks is None:
-            self._chunks = Chunks(hidden.shape[0], runner.cfg, self.calib_batch)
-            self._states = [GenerationState() for _ in range(len(self._chunks))]
-        parts = self._chunks.split(args, kwargs)
+        parts = self._split(args, kwargs)
         try:
             if step > 0 and self.delta < 1.0:
                 self._decide(step, parts)
@@ -159,20 +203,6 @@ class GreedySearch:
                     break
             self.losses[step][layer] = loss
             self._report(step, layer)
-
-    def _run(
-        self, step: int, parts: list[tuple[tuple, dict]], overrides: dict[int, str] | None
-    ) -> list[torch.Tensor]:
-        """Outputs per chunk at ``step``: a trial with ``overrides``, or the real forward."""
-        runner, outputs = self.runner, []
-        for state, (args, kwargs) in zip(self._states, parts):
-            runner.state, state.step = state, step
-            if overrides is None:
-                outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
-            else:
-                with runner.trying(overrides):
-                    outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
-        return outputs
 
     def _report(self, step: int, layer: int) -> None:
         if self.progress is not None:
