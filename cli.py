@@ -116,9 +116,14 @@ def build(
     guidance: float | None = typer.Option(
         None, help="CFG guidance scale; <= 1 turns CFG off (default: 4.5 PixArt, 4.0 DiT)."
     ),
-    window: int | None = typer.Option(None, help="Window half-width w in tokens."),
+    window: str | None = typer.Option(
+        None,
+        help="Window of wars: auto (default: the band or a tiling of about the band's pairs, whichever "
+        "leaves the least residual error on the calibration batch), W or band:W (half-width in tokens), "
+        "tiles1d:T:K, tiles2d:THxTW:K, tiles3d:TFxTHxTW:K (tiles of the patch grid, K tiles each side).",
+    ),
     window_frac: float | None = typer.Option(
-        None, help="Window half-width as a fraction of the token count (default: 1/8)."
+        None, help="The band's half-width as a fraction of the token count, auto's target too (default: 1/8)."
     ),
     prompts: Path | None = typer.Option(
         None, help="Calibration captions, one per line (default: the built-in set)."
@@ -156,6 +161,17 @@ def build(
         None,
         help="With a profile: how a step's layer losses add up, sum (default: an upper bound) or rss.",
     ),
+    objective: str | None = typer.Option(
+        None,
+        help="With a profile: what the compiler minimises, time (default when latencies were measured) "
+        "or flops (attention FLOPs kept).",
+    ),
+    latency: bool | None = typer.Option(
+        None,
+        "--latency/--no-latency",
+        help="Measure each method's latency on this device first; methods not faster than full "
+        "are never chosen (default: on).",
+    ),
     from_profile: Path | None = typer.Option(
         None,
         "--from-profile",
@@ -176,57 +192,56 @@ def build(
                 raise PlannerError("config: settings are fixed by the profile with --from-profile", exit_code=2)
             run_compile(from_profile, options, quiet=quiet)
             return
+        from planner.output import check_writable
         from planner.settings import load_settings
 
         settings = load_settings(options, config)
+        check_writable(settings.output, inputs={"prompts": settings.prompts, "config": config})
         run_build(settings, quiet=quiet)
 
 
 def run_build(settings: BuildSettings, *, quiet: bool) -> None:
-    """Load the model, search its plan with a progress bar, write it, and summarize."""
+    """Load the model, search its plan with a progress bar, write it, and summarize.
+
+    Under torchrun every rank searches on its share of the prompts; rank 0 writes.
+    """
+    from planner import distributed
     from planner.build import build_plan, draft_plan, time_generation
-    from planner.loading import load_pipeline, quiet_libraries, resolve_device, resolve_dtype
-    from planner.output import check_writable, write_plan
-    from planner.registry import resolve_model
+    from planner.output import write_plan
     from planner.report import build_summary
-    from planner.settings import build_request
 
-    quiet_libraries()
-    spec = resolve_model(settings.model)
-    check_writable(settings.output)
-    request = build_request(settings, spec)
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    with err.status(f"loading {spec.name} on {device} ({str(dtype).removeprefix('torch.')})"):
-        pipe = load_pipeline(spec, device, dtype)
-    draft = draft_plan(pipe, request)  # refuses bad settings before any progress is shown
-    if settings.search == "profile":
-        run_profile_search(pipe, request, settings, quiet=quiet)
-        return
-    with Progress(
-        TextColumn("searching"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("step {task.fields[step]}/{task.fields[steps]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=quiet or not err.is_terminal,
-        transient=True,
-    ) as bar:
-        cells = request.steps * draft.model.num_layers
-        task = bar.add_task("search", total=cells, step=0, steps=request.steps)
+    with _load_for(settings) as (pipe, request):
+        draft = draft_plan(pipe, request)  # refuses bad settings before any progress is shown
+        if settings.search == "profile":
+            run_profile_search(pipe, request, settings, quiet=quiet)
+            return
+        with Progress(
+            TextColumn("searching"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("step {task.fields[step]}/{task.fields[steps]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=quiet or not err.is_terminal or not distributed.is_writer(),
+            transient=True,
+        ) as bar:
+            cells = request.steps * draft.model.num_layers
+            task = bar.add_task("search", total=cells, step=0, steps=request.steps)
 
-        def advance(step: int, layer: int, method: str, loss: float | None) -> None:
-            bar.update(task, advance=1, step=step + 1)
+            def advance(step: int, layer: int, method: str, loss: float | None) -> None:
+                bar.update(task, advance=1, step=step + 1)
 
-        result = build_plan(pipe, request, progress=advance)
-    write_plan(result.plan, settings.output)
-    if quiet:
-        return
-    plain = time_generation(pipe, request) if settings.baseline else None
-    out.print(build_summary(result.plan, str(settings.output), result.seconds, plain))
+            result = build_plan(pipe, request, progress=advance)
+        distributed.barrier()  # raises if another rank failed: then nothing is written
+        if not distributed.is_writer():
+            return
+        write_plan(result.plan, settings.output)
+        if quiet:
+            return
+        plain = time_generation(pipe, request) if settings.baseline else None
+        out.print(build_summary(result.plan, str(settings.output), result.seconds, plain))
 
 
 # ---------------------------------------------------------------------------
@@ -252,9 +267,14 @@ def profile(
     guidance: float | None = typer.Option(
         None, help="CFG guidance scale; <= 1 turns CFG off (default: the model's)."
     ),
-    window: int | None = typer.Option(None, help="Window half-width w in tokens."),
+    window: str | None = typer.Option(
+        None,
+        help="Window of wars: auto (default: the band or a tiling of about the band's pairs, whichever "
+        "leaves the least residual error on the calibration batch), W or band:W (half-width in tokens), "
+        "tiles1d:T:K, tiles2d:THxTW:K, tiles3d:TFxTHxTW:K (tiles of the patch grid, K tiles each side).",
+    ),
     window_frac: float | None = typer.Option(
-        None, help="Window half-width as a fraction of the token count (default: 1/8)."
+        None, help="The band's half-width as a fraction of the token count, auto's target too (default: 1/8)."
     ),
     prompts: Path | None = typer.Option(
         None, help="Calibration captions, one per line (default: the model's or the built-in set)."
@@ -280,6 +300,11 @@ def profile(
     baseline: bool | None = typer.Option(
         None, "--baseline/--no-baseline", help="Also time one plain generation, to compare with."
     ),
+    latency: bool | None = typer.Option(
+        None,
+        "--latency/--no-latency",
+        help="Also measure each method's latency on this device, for --objective time (default: on).",
+    ),
     config: Path | None = typer.Option(
         None, "--config", help="TOML file of settings (same names as build); options given here override it."
     ),
@@ -292,12 +317,16 @@ def profile(
     with reported(ctx):
         from planner.settings import load_settings
 
+        from planner.output import check_writable
+
         settings = load_settings({**options, "delta": 1.0, "search": "profile"}, config)  # δ: when compiling
+        check_writable(settings.output, inputs={"prompts": settings.prompts, "config": config})
         run_profile(settings, quiet=quiet)
 
 
 def _profile_with_progress(pipe: Any, request: BuildRequest, settings: BuildSettings, *, quiet: bool) -> ProfileResult:
-    """Profile ``pipe`` on the calibration batch, with a progress bar."""
+    """Profile ``pipe`` on the calibration batch, with a progress bar (on rank 0 only)."""
+    from planner import distributed
     from planner.profile import profile_model
     from runtime.apply import self_attention_layers
 
@@ -310,7 +339,7 @@ def _profile_with_progress(pipe: Any, request: BuildRequest, settings: BuildSett
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=err,
-        disable=quiet or not err.is_terminal,
+        disable=quiet or not err.is_terminal or not distributed.is_writer(),
         transient=True,
     ) as bar:
         layers = len(self_attention_layers(pipe.transformer))
@@ -324,36 +353,51 @@ def _profile_with_progress(pipe: Any, request: BuildRequest, settings: BuildSett
         )
 
 
-def _load_for(settings: BuildSettings) -> tuple[Any, BuildRequest]:
-    """The model's pipeline and the calibration request the settings ask for."""
+@contextmanager
+def _load_for(settings: BuildSettings) -> Iterator[tuple[Any, BuildRequest]]:
+    """The model's pipeline and the calibration request the settings ask for, for the block.
+
+    Under torchrun the ranks join first (``planner/distributed.py``), each loads the
+    pipeline on its own device, and errors in the block name the rank.
+    """
+    from contextlib import nullcontext
+
+    from planner import distributed
     from planner.loading import load_pipeline, quiet_libraries, resolve_device, resolve_dtype
-    from planner.output import check_writable
     from planner.registry import resolve_model
     from planner.settings import build_request
 
     quiet_libraries()
     spec = resolve_model(settings.model)
-    check_writable(settings.output)
     request = build_request(settings, spec)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    with err.status(f"loading {spec.name} on {device} ({str(dtype).removeprefix('torch.')})"):
-        pipe = load_pipeline(spec, device, dtype)
-    return pipe, request
+    with distributed.launched(len(request.inputs), device) as device:
+        status = f"loading {spec.name} on {device} ({str(dtype).removeprefix('torch.')})"
+        with err.status(status) if distributed.is_writer() else nullcontext():
+            pipe = load_pipeline(spec, device, dtype)
+        yield pipe, request
 
 
 def run_profile(settings: BuildSettings, *, quiet: bool) -> None:
-    """Load the model, profile it with a progress bar, write the profile, and summarize."""
+    """Load the model, profile it with a progress bar, write the profile, and summarize.
+
+    Under torchrun every rank profiles its share of the prompts; rank 0 writes.
+    """
+    from planner import distributed
     from planner.build import draft_plan, time_generation
     from planner.profile import write_profile
 
-    pipe, request = _load_for(settings)
-    draft_plan(pipe, request)  # refuses bad settings before any progress is shown
-    result = _profile_with_progress(pipe, request, settings, quiet=quiet)
-    size = write_profile(result.profile, settings.output)
-    if quiet:
-        return
-    plain = time_generation(pipe, request) if settings.baseline else None
+    with _load_for(settings) as (pipe, request):
+        draft_plan(pipe, request)  # refuses bad settings before any progress is shown
+        result = _profile_with_progress(pipe, request, settings, quiet=quiet)
+        distributed.barrier()  # raises if another rank failed: then nothing is written
+        if not distributed.is_writer():
+            return
+        size = write_profile(result.profile, settings.output)
+        if quiet:
+            return
+        plain = time_generation(pipe, request) if settings.baseline else None
     p = result.profile
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
@@ -369,9 +413,10 @@ def run_profile(settings: BuildSettings, *, quiet: bool) -> None:
 
 
 def run_profile_search(pipe: Any, request: BuildRequest, settings: BuildSettings, *, quiet: bool) -> None:
-    """``build --search profile``: profile, then compile the plan for the settings' δ."""
+    """``build --search profile``: profile, then compile the plan for the settings' δ (rank 0 writes)."""
     import time
 
+    from planner import distributed
     from planner.build import time_generation
     from planner.compile import compile_plan
     from planner.output import write_plan
@@ -379,8 +424,11 @@ def run_profile_search(pipe: Any, request: BuildRequest, settings: BuildSettings
 
     result = _profile_with_progress(pipe, request, settings, quiet=quiet)
     start = time.perf_counter()
-    plan = compile_plan(result.profile, settings.delta, combine=settings.combine)
+    plan = compile_plan(result.profile, settings.delta, combine=settings.combine, objective=settings.objective)
     seconds = result.seconds + time.perf_counter() - start
+    distributed.barrier()  # raises if another rank failed: then nothing is written
+    if not distributed.is_writer():
+        return
     write_plan(plan, settings.output)
     if quiet:
         return
@@ -392,12 +440,13 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
     """``build --from-profile``: compile the plan for δ, check it fits ``--model`` if given, write it."""
     import time
 
-    from planner.compile import COMBINE, compile_plan, load_profile
+    from planner.compile import COMBINE, OBJECTIVES, compile_plan, load_profile
     from planner.errors import bad_input
     from planner.output import check_writable, write_plan
     from planner.report import build_summary
 
-    fixed = [k for k, v in options.items() if v is not None and k not in ("model", "delta", "output", "combine")]
+    allowed = ("model", "delta", "output", "combine", "objective")
+    fixed = [k for k, v in options.items() if v is not None and k not in allowed]
     if fixed:
         name = fixed[0].replace("_", "-")
         raise bad_input(f"{fixed[0]}: --{name} is fixed by the profile; it cannot be given with --from-profile")
@@ -406,13 +455,16 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
     combine = options["combine"] or "sum"
     if combine not in COMBINE:
         raise bad_input(f"combine: use sum or rss (got {combine!r})")
+    objective = options["objective"]
+    if objective is not None and objective not in OBJECTIVES:
+        raise bad_input(f"objective: use time or flops (got {objective!r})")
     if options["output"] is None:
         raise bad_input("output: required (give --output)")
     output = Path(options["output"])
-    check_writable(output)
+    check_writable(output, inputs={"from_profile": profile_file})
     profile_data = load_profile(profile_file)
     start = time.perf_counter()
-    plan = compile_plan(profile_data, options["delta"], combine=combine)
+    plan = compile_plan(profile_data, options["delta"], combine=combine, objective=objective)
     seconds = time.perf_counter() - start
     if options["model"] is not None:
         check_fit(plan, options["model"])
@@ -435,30 +487,39 @@ def sweep(
     combine: str = typer.Option(
         "sum", help="How a step's layer losses add up: sum (an upper bound) or rss."
     ),
+    objective: str | None = typer.Option(
+        None,
+        help="What the compiler minimises: time (default when the profile measured latencies) or flops.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Compile one plan per δ from a profile and tabulate the attention FLOPs each keeps."""
     with reported(ctx):
         import time
 
-        from planner.compile import COMBINE, compile_plans, load_profile, parse_deltas
+        from planner.compile import COMBINE, OBJECTIVES, compile_plans, load_profile, parse_deltas, sweep_file_name
         from planner.errors import bad_input
-        from planner.output import write_plan
+        from planner.output import check_writable, write_plan
         from planner.report import METHOD_STYLE, legend, percent
         from schemas import METHODS
 
         if combine not in COMBINE:
             raise bad_input(f"combine: use sum or rss (got {combine!r})")
+        if objective is not None and objective not in OBJECTIVES:
+            raise bad_input(f"objective: use time or flops (got {objective!r})")
         values = parse_deltas(deltas)
         if output_dir is not None and not output_dir.is_dir():
             raise bad_input(f"output_dir: folder {str(output_dir)!r} does not exist")
+        files = [output_dir / sweep_file_name(d) if output_dir else None for d in values]
+        for path in files:
+            if path is not None:
+                check_writable(path, "output_dir", inputs={"from_profile": from_profile})
         profile_data = load_profile(from_profile)
         start = time.perf_counter()
-        plans = compile_plans(profile_data, values, combine=combine)  # type: ignore[arg-type]
+        plans = compile_plans(profile_data, values, combine=combine, objective=objective)  # type: ignore[arg-type]
         seconds = time.perf_counter() - start
         if model is not None:
             check_fit(plans[0], model)
-        files = [output_dir / f"plan-{d:g}.json" if output_dir else None for d in values]
         for plan, path in zip(plans, files):
             if path is not None:
                 write_plan(plan, path)
@@ -467,6 +528,7 @@ def sweep(
                 {
                     "delta": d,
                     "attention_flops_fraction": p.summary.attention_flops_fraction,
+                    "time_fraction": p.summary.time_fraction,
                     "method_counts": p.summary.method_counts,
                     "plan": str(f) if f else None,
                 }
@@ -475,7 +537,7 @@ def sweep(
             sys.stdout.write(json.dumps(rows, indent=2) + "\n")
             return
         table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("δ", "attention FLOPs kept", "methods", "plan"):
+        for column in ("δ", "attention FLOPs kept", "predicted time", "methods", "plan"):
             table.add_column(column, justify="left" if column in ("methods", "plan") else "right",
                              no_wrap=column != "plan", overflow="fold")  # fmt: skip
         for d, p, f in zip(values, plans, files):
@@ -484,7 +546,10 @@ def sweep(
                 if p.summary.method_counts.get(method):
                     letter, style = METHOD_STYLE[method]
                     counts.append(f"{letter}", style=style).append(f"{p.summary.method_counts[method]} ")
-            table.add_row(f"{d:g}", percent(p.summary.attention_flops_fraction), counts, str(f) if f else "-")
+            time_kept = f"{p.summary.time_fraction:.3f}" if p.summary.time_fraction is not None else "-"
+            table.add_row(
+                f"{d:g}", percent(p.summary.attention_flops_fraction), time_kept, counts, str(f) if f else "-"
+            )
         out.print(table)
         out.print(legend())
         out.print(f"compiled {len(plans)} plans in {seconds * 1000:.0f} ms from {from_profile}")
@@ -510,6 +575,25 @@ def show(
             sys.stdout.write(json.dumps(plan_facts(plan), indent=2) + "\n")
         else:
             out.print(render_plan(plan))
+            note_latency_device(plan, None)
+
+
+def note_latency_device(plan: Plan, device: str | None) -> None:
+    """Say when the plan's latencies were measured on another device than ``device`` (default: this machine's)."""
+    from planner.loading import device_name, resolve_device
+
+    if plan.latency is None:
+        return
+    here = device_name(resolve_device(device))
+    if here != plan.latency.device:
+        err.print(
+            Text(
+                f"note: latencies measured on {plan.latency.device}, not on {here}: its choices and predicted "
+                "time are for that device (re-plan here to get this one's)",
+                style="yellow",
+            ),
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -519,12 +603,19 @@ def validate(
     model: str | None = typer.Option(
         None, "--model", "-m", help="Also check that the plan fits this model (its config is enough)."
     ),
+    device: str | None = typer.Option(
+        None, help="Also say whether the plan's latencies were measured on this device (e.g. cuda, cpu)."
+    ),
 ) -> None:
     """Check a plan (and that it fits a model): exit 0 if valid, 1 with the reason if not."""
     with reported(ctx):
         from runtime.loading import load_plan
 
         plan = load_plan(plan_file)
+        if device is not None and plan.latency is None:
+            err.print(Text("note: the plan carries no measured latencies", style="yellow"))
+        elif device is not None:
+            note_latency_device(plan, device)
         fits = ""
         if model is not None:
             fits = f" and fits {check_fit(plan, model)}"
@@ -539,21 +630,15 @@ def validate(
 
 
 def check_fit(plan: Plan, model: str) -> str:
-    """Apply ``plan`` to the model's transformer skeleton; the model's name when it fits."""
-    import runtime
-    from planner.loading import load_transformer_skeleton, quiet_libraries
+    """Check ``plan`` against the model's configs as eval and the runtime will; the model's name."""
+    from planner.fit import check_model_fit
+    from planner.loading import load_model_skeleton, quiet_libraries
     from planner.registry import resolve_model
-    from schemas import PlanError
 
     quiet_libraries()
     spec = resolve_model(model)
-    order = spec.family.cfg_order
-    if plan.sampling.cfg and plan.sampling.cfg_order != order:
-        raise PlanError(
-            f"$.sampling.cfg_order: plan says {plan.sampling.cfg_order!r}, "
-            f"{spec.family.pipeline} batches {order!r}"
-        )
-    runtime.apply(plan, load_transformer_skeleton(spec)).remove()
+    skeleton = load_model_skeleton(spec)
+    check_model_fit(plan, spec, skeleton.transformer, skeleton.vae_scale, skeleton.scheduler_config)
     return spec.name
 
 
@@ -610,6 +695,7 @@ def run_eval(
     from planner.evaluate import evaluate, eval_inputs, forwards_needed, render
     from planner.evaluate import save_grid as write_grid
     from planner.loading import DTYPES, load_pipeline, quiet_libraries, resolve_device, resolve_dtype
+    from planner.output import check_writable
     from planner.registry import resolve_model
     from runtime.loading import load_plan
 
@@ -617,8 +703,8 @@ def run_eval(
     plan = load_plan(plan_file)
     if dtype_name != "auto" and dtype_name not in DTYPES:
         raise PlannerError(f"dtype: unknown dtype {dtype_name!r}; use auto, {', '.join(DTYPES)}", exit_code=2)
-    if save_grid is not None and not save_grid.parent.is_dir():
-        raise PlannerError(f"save_grid: folder {str(save_grid.parent)!r} does not exist", exit_code=2)
+    if save_grid is not None:
+        check_writable(save_grid, "save_grid", inputs={"plan": plan_file})
     spec = resolve_model(model or plan.model.name)
     inputs = eval_inputs(spec, plan, num_samples, seed)
     device = resolve_device(device_name)

@@ -9,7 +9,13 @@ How a mix is drawn: step 0 is ``full``; of the other (step, layer) cells a share
 ``1 - s`` stays ``full`` and the rest is split 0.3/0.3/0.2/0.2 between
 ``ast``/``wars``/``wars_asc``/``asc``. ``s`` is found by bisection so that the FLOPs
 fraction hits the target; the cells get their methods in those counts (rounded),
-placed in a seeded random order, and the grid's exact fraction is reported. Run: ``python -m bench.e2e [--device cuda --layers 28]``.
+placed in a seeded random order, and the grid's exact fraction is reported.
+
+Each mix also runs latency-aware: the methods' latencies are measured on this transformer
+and device first (``planner.latency``, as ``planner build`` does), every cell whose method
+is not faster than ``full`` there becomes ``full``, and the row shows the predicted time
+fraction and the predicted seconds spent refreshing residuals (``full``/``asc`` steps that
+also run the window for a later ``wars``). Run: ``python -m bench.e2e [--device cuda --layers 28]``.
 """
 
 from __future__ import annotations
@@ -22,15 +28,22 @@ from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
 import runtime
 from bench.common import device_name, measure, table
+from planner.latency import measure_transformer
+from planner.report import latency_fact
 from schemas import (
+    METHODS,
     SCHEMA_VERSION,
+    Latency,
     ModelInfo,
     Plan,
     Sampling,
     Tokens,
     config_hash,
+    faster_than_full,
     method_cost,
     summarize,
+    variant_grid,
+    with_latency,
 )
 
 TARGETS = {"D2": 0.74, "D4": 0.52, "D6": 0.37}
@@ -89,17 +102,22 @@ def make_plan(model: torch.nn.Module, methods: list[list[str]], tokens: int, win
     )
 
 
-def denoise(model, steps: int, side: int, device, dtype, text_tokens: int) -> torch.Tensor:
-    scheduler = DPMSolverMultistepScheduler()
-    scheduler.set_timesteps(steps)
+def inputs(side: int, device, dtype, text_tokens: int) -> tuple[torch.Tensor, dict]:
+    """Seeded latents and the transformer's other arguments for a CFG batch of 2."""
     g = torch.Generator(device="cpu").manual_seed(0)
     latents = torch.randn(1, 4, side, side, generator=g).to(device, dtype)
     text = torch.randn(2, text_tokens, 4096, generator=g).to(device, dtype)
-    cond = {"resolution": None, "aspect_ratio": None}
+    return latents, {"encoder_hidden_states": text, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
+def denoise(model, steps: int, side: int, device, dtype, text_tokens: int) -> torch.Tensor:
+    scheduler = DPMSolverMultistepScheduler()
+    scheduler.set_timesteps(steps)
+    latents, kwargs = inputs(side, device, dtype, text_tokens)
     with torch.no_grad():
         for t in scheduler.timesteps:
             batch = torch.cat([latents, latents])
-            out = model(batch, encoder_hidden_states=text, timestep=t.expand(2).to(device), added_cond_kwargs=cond).sample
+            out = model(batch, timestep=t.expand(2).to(device), **kwargs).sample
             uncond, cond_out = out[:, :4].chunk(2)
             eps = uncond + 4.5 * (cond_out - uncond)
             latents = scheduler.step(eps, t, latents).prev_sample
@@ -133,26 +151,50 @@ def main() -> None:
         raw = measure(run, device, args.reps)
         raw_peak = torch.cuda.max_memory_allocated(device) if gpu else 0
         activation = 2 * tokens * 1152 * torch.finfo(dtype).bits // 8
-        rows.append([str(tokens), "raw", "100.0%", f"{raw:.2f}", "1.00x", _mib(raw_peak), "0", "-"])
+        rows.append([str(tokens), "raw", "100.0%", "-", f"{raw:.2f}", "1.00x", "-", _mib(raw_peak), "0", "-"])
+        latency = measure_latency(model, tokens, window, side, device, dtype, args)
         for name, target in TARGETS.items():
             methods = draw_mix(steps, layers, target, tokens, window, seed=tokens)
-            plan = make_plan(model, methods, tokens, window)
-            if gpu:
-                torch.cuda.reset_peak_memory_stats(device)
-            with runtime.apply(plan, model, kernel=args.kernel) as handle:
-                timed = measure(lambda: (handle.reset(), run()), device, args.reps)
-            peak = torch.cuda.max_memory_allocated(device) if gpu else 0
-            cache = handle.stats().peak_cache_bytes
-            rows.append([
-                str(tokens), f"{name}-like", f"{plan.summary.attention_flops_fraction:.1%}", f"{timed:.2f}",
-                f"{raw / timed:.2f}x", _mib(peak), _mib(cache), f"{cache / activation:.1f}",
-            ])
+            allowed = set(faster_than_full(latency, tuple(m for m in METHODS if m != "full")))
+            aware = [[m if m == "full" or m in allowed else "full" for m in row] for row in methods]
+            for label, grid in ((f"{name}-like", methods), (f"{name}-like, latency-aware", aware)):
+                plan = with_latency(make_plan(model, grid, tokens, window), latency)
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats(device)
+                with runtime.apply(plan, model, kernel=args.kernel) as handle:
+                    timed = measure(lambda: (handle.reset(), run()), device, args.reps)
+                peak = torch.cuda.max_memory_allocated(device) if gpu else 0
+                cache = handle.stats().peak_cache_bytes
+                rows.append([
+                    str(tokens), label, f"{plan.summary.attention_flops_fraction:.1%}",
+                    f"{plan.summary.time_fraction:.2f}", f"{timed:.2f}", f"{raw / timed:.2f}x",
+                    f"{refresh_seconds(grid, latency):.3f}", _mib(peak), _mib(cache), f"{cache / activation:.1f}",
+                ])  # fmt: skip
+        print(f"latencies at {tokens} tokens: {latency_fact(latency)}")
         del model
     print(f"end to end, {layers} layers x {steps} steps, CFG batch 2 — {device_name(device)}, {dtype}")
     print(table(
-        ["N", "plan", "attn FLOPs kept", "seconds", "speedup", "peak mem MiB", "cache MiB", "cache / one layer's activations"],
+        ["N", "plan", "attn FLOPs kept", "predicted time", "seconds", "speedup", "refresh s (predicted)",
+         "peak mem MiB", "cache MiB", "cache / one layer's activations"],
         rows,
-    ))
+    ))  # fmt: skip
+
+
+def measure_latency(model, tokens: int, window: int, side: int, device, dtype, args) -> Latency:
+    """Each method's seconds per layer-step on this model and device, at one denoising call."""
+    latents, kwargs = inputs(side, device, dtype, args.text_tokens)
+    batch = torch.cat([latents, latents])
+    kwargs = {**kwargs, "timestep": torch.full((2,), 500, device=device)}
+    draft = make_plan(model, [["full"] * len(model.transformer_blocks)], tokens, window)
+    return measure_transformer(model, draft, (batch,), kwargs, kernel=args.kernel)
+
+
+def refresh_seconds(grid: list[list[str]], latency: Latency) -> float:
+    """Predicted seconds that the grid's refreshing steps add over plain ``full``/``asc``."""
+    extra = {"full_refresh": "full", "asc_refresh": "asc"}
+    return sum(
+        max(0.0, latency.seconds[v] - latency.seconds[extra[v]]) for row in variant_grid(grid) for v in row if v in extra
+    )
 
 
 def _mib(n: int) -> str:

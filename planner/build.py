@@ -12,10 +12,13 @@ import msgspec
 import torch
 
 import runtime
+from planner import distributed
 from planner.calibration import inputs_hash
 from planner.errors import bad_input
 from planner.registry import Family, family_of
-from planner.search import GreedySearch, Progress
+from planner.latency import measure_latency
+from planner.search import CANDIDATES, GreedySearch, Progress
+from planner.windows import WindowOption, best, candidates, measure_windows, parse_window, shape_for
 from runtime.apply import self_attention_layers
 from runtime.schedule import Schedule
 from schemas import (
@@ -26,8 +29,11 @@ from schemas import (
     Plan,
     Sampling,
     Tokens,
+    WindowShape,
     config_hash,
+    faster_than_full,
     summarize,
+    with_latency,
 )
 
 DEFAULT_WINDOW_FRAC = 1 / 8
@@ -37,8 +43,9 @@ DEFAULT_WINDOW_FRAC = 1 / 8
 class BuildRequest:
     """One calibration run: the inputs, the sampling settings and the search settings.
 
-    ``height``/``width`` ``None`` take the model's native size; ``window`` ``None``
-    takes ``window_frac`` of the token count. ``calib_batch`` bounds how many
+    ``height``/``width`` ``None`` take the model's native size. ``window`` is
+    ``--window``'s value (``planner/windows.py``): ``auto``, a band, or a tiling; ``None``
+    is the band of ``window_frac`` of the token count. ``calib_batch`` bounds how many
     prompts go through the transformer at once (losses still cover all of them).
     ``call_kwargs`` are the model's own extra pipeline arguments, over its family's.
     """
@@ -50,16 +57,18 @@ class BuildRequest:
     guidance: float
     height: int | None = None
     width: int | None = None
-    window: int | None = None
+    window: int | str | None = None
     window_frac: float = DEFAULT_WINDOW_FRAC
     seed: int = 0
     calib_batch: int | None = None
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    latency: bool = False
 
 
 @dataclass(frozen=True)
 class BuildResult:
-    """The plan, the calibration trajectory's final pipeline output, and the search time."""
+    """The plan, the calibration trajectory's final pipeline output (:func:`own_output`),
+    and the search time."""
 
     plan: Plan
     images: torch.Tensor
@@ -81,16 +90,30 @@ def pipeline_family(pipe: Any) -> Family:
 
 def image_geometry(pipe: Any, height: int | None, width: int | None) -> tuple[int, int, int]:
     """(num_tokens, height, width) of one generation at the asked size."""
-    config = pipe.transformer.config
-    scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    pixels = scale * config.patch_size  # image pixels per token side
-    native = config.sample_size * scale
+    return geometry(pipeline_family(pipe), pipe.transformer, vae_scale(pipe), height, width)
+
+
+def vae_scale(pipe: Any) -> int:
+    """The VAE's image pixels per latent pixel."""
+    return getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def geometry(
+    family: Family, transformer: Any, vae_scale: int, height: int | None, width: int | None
+) -> tuple[int, int, int]:
+    """(num_tokens, height, width) of a generation by ``transformer`` (a model or a skeleton).
+
+    ``vae_scale`` is the VAE's pixels per latent; ``None`` sizes take the native one.
+    """
+    config = transformer.config
+    pixels = vae_scale * config.patch_size  # image pixels per token side
+    native = config.sample_size * vae_scale
     multiple = pixels
-    if pipeline_family(pipe).inputs == "captions":
+    if family.inputs == "captions":
         multiple = math.lcm(pixels, 8)  # PixArt pipelines also need multiples of 8 pixels
     elif (height or native) != native or (width or native) != native:
         raise bad_input(
-            f"resolution: {type(pipe.transformer).__name__} generates {native}x{native} only "
+            f"resolution: {type(transformer).__name__} generates {native}x{native} only "
             f"(got {height or native}x{width or native})"
         )
     height, width = height or native, width or native
@@ -99,15 +122,27 @@ def image_geometry(pipe: Any, height: int | None, width: int | None) -> tuple[in
     return (height // pixels) * (width // pixels), height, width
 
 
-def resolve_window(request: BuildRequest, num_tokens: int) -> int:
-    """The window half-width in tokens: as asked, or ``window_frac`` of the token count."""
-    window = request.window if request.window is not None else int(num_tokens * request.window_frac)
-    window = max(window, 1)
-    if window > num_tokens - 1:
-        raise bad_input(
-            f"window: {window} tokens exceeds num_tokens - 1 = {num_tokens - 1} at this resolution"
-        )
-    return window
+def patch_grid(pipe: Any, height: int, width: int) -> tuple[int, int]:
+    """(rows, cols) of the patch grid of an image (a frame) of ``height`` x ``width`` pixels."""
+    pixels = vae_scale(pipe) * pipe.transformer.config.patch_size
+    return height // pixels, width // pixels
+
+
+def window_option(request: BuildRequest) -> WindowOption:
+    """``request.window`` parsed; a bad form is refused in one line naming ``window``."""
+    try:
+        return parse_window(request.window if request.window is not None else WindowOption("band"))
+    except ValueError as exc:
+        raise bad_input(f"window: {exc} (got {request.window!r})") from None
+
+
+def resolve_window(request: BuildRequest, num_tokens: int, grid: tuple[int, ...] = ()) -> WindowShape:
+    """The window of the spatial layers: as asked (a tiling completed by the patch ``grid``),
+    or the band of ``window_frac`` of the tokens (also ``auto``'s starting point)."""
+    try:
+        return shape_for(window_option(request), num_tokens, grid, request.window_frac)
+    except ValueError as exc:
+        raise bad_input(f"window: {exc}") from None
 
 
 def video_frames(pipe: Any) -> int | None:
@@ -117,7 +152,7 @@ def video_frames(pipe: Any) -> int | None:
     return int(pipe.transformer.config.video_length)
 
 
-def layer_entries(pipe: Any, num_tokens: int, window: int, window_frac: float) -> list[Layer] | None:
+def layer_entries(pipe: Any, num_tokens: int, window: WindowShape, window_frac: float) -> list[Layer] | None:
     """Per-layer kind, tokens and window of a video DiT: spatial over a frame's tokens,
     temporal over the frames (window ``window_frac`` of them, at least 1)."""
     frames = video_frames(pipe)
@@ -155,7 +190,20 @@ def generation_kwargs(pipe: Any, request: BuildRequest) -> dict[str, Any]:
     }
 
 
+def own_output(pipe: Any, output: Any, request: BuildRequest) -> torch.Tensor:
+    """The images (videos: frames) a calibration run made for this rank's prompts: all of
+    them in one process (other ranks' rows are not computed in a data-parallel run)."""
+    images = output.frames if video_frames(pipe) else output.images
+    share = distributed.share(len(request.inputs))
+    return images[share.start : share.stop]
+
+
 def _check_inputs(pipe: Any, request: BuildRequest) -> None:
+    timesteps = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    if timesteps is not None and request.steps > timesteps:
+        raise bad_input(
+            f"steps: {request.steps} exceeds the {timesteps} training timesteps of {type(pipe.scheduler).__name__}"
+        )
     if not request.inputs:
         raise bad_input("prompts: the calibration set is empty")
     classes = pipeline_family(pipe).inputs == "classes"
@@ -169,13 +217,15 @@ def _check_inputs(pipe: Any, request: BuildRequest) -> None:
                 raise bad_input(f"classes: class id {c} is out of range (the model has {count})")
 
 
-def draft_plan(pipe: Any, request: BuildRequest) -> Plan:
-    """The all-``full`` plan carrying every header fact of this calibration run."""
+def draft_plan(pipe: Any, request: BuildRequest, window: WindowShape | None = None) -> Plan:
+    """The all-``full`` plan carrying every header fact of this calibration run, with
+    ``window`` (default: the one asked for; for ``auto``, the band it starts from)."""
     _check_inputs(pipe, request)
     transformer = pipe.transformer
     layers = self_attention_layers(transformer)
     num_tokens, height, width = image_geometry(pipe, request.height, request.width)
-    window = resolve_window(request, num_tokens)
+    if window is None:
+        window = resolve_window(request, num_tokens, patch_grid(pipe, height, width))
     cfg = request.guidance > 1.0
     grid = [["full"] * len(layers) for _ in range(request.steps)]
     entries = layer_entries(pipe, num_tokens, window, request.window_frac)
@@ -209,8 +259,26 @@ def draft_plan(pipe: Any, request: BuildRequest) -> Plan:
             num_prompts=len(request.inputs),
             seed=request.seed,
             search="greedy",
+            world_size=distributed.size(),
         ),
     )
+
+
+def settle_window(pipe: Any, request: BuildRequest) -> Plan:
+    """The draft plan with its window settled: as asked, or for ``auto`` the candidate of
+    least residual error on one all-``full`` generation of the calibration batch
+    (``planner/windows.py``), each candidate's error kept in ``calibration.window_errors``."""
+    draft = draft_plan(pipe, request)
+    if window_option(request).kind != "auto":
+        return draft
+    tokens = draft.tokens
+    shapes = candidates(tokens.num_tokens, patch_grid(pipe, tokens.height, tokens.width), draft.window)
+    if len(shapes) == 1:
+        return draft
+    errors = measure_windows(pipe, draft, shapes, generation_kwargs(pipe, request), request.calib_batch)
+    plan = draft_plan(pipe, request, best(shapes, errors))
+    calibration = msgspec.structs.replace(plan.calibration, window_errors=errors)
+    return msgspec.structs.replace(plan, calibration=calibration)
 
 
 def build_plan(pipe: Any, request: BuildRequest, *, progress: Progress | None = None) -> BuildResult:
@@ -220,7 +288,8 @@ def build_plan(pipe: Any, request: BuildRequest, *, progress: Progress | None = 
     is measured exactly as it will execute. ``progress(step, layer, method, loss)``
     is called once per decided cell. The pipeline is left as it was found.
     """
-    draft = draft_plan(pipe, request)
+    draft = settle_window(pipe, request)
+    latency = measure_latency(pipe, draft, generation_kwargs(pipe, request)) if request.latency else None
     handle = runtime.apply(draft, pipe)
     try:
         handle.runner.schedule = Schedule([list(row) for row in draft.methods], keep_all=True)
@@ -230,11 +299,11 @@ def build_plan(pipe: Any, request: BuildRequest, *, progress: Progress | None = 
             delta=request.delta,
             calib_batch=request.calib_batch,
             progress=progress,
+            allowed=faster_than_full(latency, CANDIDATES) if latency is not None else None,
         )
         start = time.perf_counter()
         with search.attached():
-            output = pipe(**generation_kwargs(pipe, request))
-            images = output.frames if video_frames(pipe) else output.images
+            images = own_output(pipe, pipe(**generation_kwargs(pipe, request)), request)
         seconds = time.perf_counter() - start
     finally:
         handle.remove()
@@ -245,7 +314,7 @@ def build_plan(pipe: Any, request: BuildRequest, *, progress: Progress | None = 
         losses=search.losses,
         summary=summarize(methods, draft.tokens.num_tokens, draft.window, draft.layers),
     )
-    return BuildResult(plan=plan, images=images, seconds=seconds)
+    return BuildResult(plan=with_latency(plan, latency), images=images, seconds=seconds)
 
 
 def time_generation(pipe: Any, request: BuildRequest) -> float:

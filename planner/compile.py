@@ -17,9 +17,13 @@ independent errors, which usually keeps less attention at the same δ. Here
   mean over the probed methods: the share of a layer's error that reaches the output.
 
 To make the plan monotone in δ, the rule is evaluated at every δ' = 1 − k/1000 with
-δ' ≥ δ, and the plan keeping the least attention FLOPs is chosen (each satisfies δ's
-budgets, which only widen as δ falls). So δ = 1 gives the all-``full`` plan, lower δ
-never keeps more attention, and δ counts to 0.001. Pure Python: no model, no torch.
+δ' ≥ δ, and the plan of the least cost is chosen (each satisfies δ's budgets, which only
+widen as δ falls). So δ = 1 gives the all-``full`` plan, lower δ never costs more, and δ
+counts to 0.001. The cost is the objective: ``flops``, the attention FLOPs kept, or
+``time``, the time predicted from the latencies the profile measured (the default when
+it has them). With latencies, a method that is not faster than ``full`` on the measured
+device is never a candidate, and ``time`` tries the candidates fastest first.
+Pure Python: no model, no torch.
 """
 
 from __future__ import annotations
@@ -35,7 +39,20 @@ from typing import Literal
 import msgspec
 
 from planner.errors import bad_input
-from schemas import METHODS, Plan, Profile, ProfileError, decode_profile, layer_weight, method_cost, plan_layers
+from schemas import (
+    METHODS,
+    Plan,
+    Profile,
+    ProfileError,
+    decode_profile,
+    effective_seconds,
+    faster_than_full,
+    layer_weight,
+    method_cost,
+    plan_layers,
+    time_fraction,
+    with_latency,
+)
 from schemas.profile import header_plan, profile_calibration
 
 CANDIDATES = ("ast", "wars_asc", "wars", "asc")  # most compressive first, as the search
@@ -45,6 +62,8 @@ MEASURES = {"ast": "ast", "wars_asc": "wars_asc", "wars": "wars", "wars_after_as
 RESOLUTION = 1000  # δ is compiled on the grid 1 - k / RESOLUTION
 Combine = Literal["sum", "rss"]
 COMBINE: tuple[str, ...] = ("sum", "rss")
+Objective = Literal["time", "flops"]
+OBJECTIVES: tuple[str, ...] = ("time", "flops")
 SEARCH_NAMES = {"sum": "profile", "rss": "profile-rss"}  # the plan's calibration.search
 
 
@@ -58,21 +77,27 @@ def tool_version() -> str:
 
 @dataclass(frozen=True)
 class Choice:
-    """The methods of one compiled grid and the predicted loss of each kept decision."""
+    """The methods of one compiled grid, the predicted loss of each kept decision, and its cost."""
 
     methods: list[list[str]]
     losses: list[list[float | None]]
-    flops: float
+    cost: float
 
 
 class Predictor:
     """Predicted output losses of every candidate at every (step, layer, cache age)."""
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, objective: Objective = "flops") -> None:
         self.profile = profile
         m = profile.measurements
         self.steps, self.layers, self.lags = profile.sampling.num_steps, profile.model.num_layers, profile.lags
-        self.candidates = tuple(c for c in CANDIDATES if profile.sampling.cfg or c not in CFG_SHARING)
+        candidates = tuple(c for c in CANDIDATES if profile.sampling.cfg or c not in CFG_SHARING)
+        if profile.latency is not None:
+            candidates = faster_than_full(profile.latency, candidates)
+            if objective == "time":
+                candidates = tuple(sorted(candidates, key=lambda c: effective_seconds(profile.latency, c)))
+        self.candidates = candidates
+        self.objective = objective
         self.by_lag = {"ast": m.ast, "wars": m.wars, "wars_after_asc": m.wars_after_asc, "wars_asc": m.wars_asc}
         self._chained: dict[tuple[str, int, int, int], float | None] = {}
         self.gains = [[self._gain(t, i) for i in range(self.layers)] for t in range(self.steps)]
@@ -135,6 +160,12 @@ class Predictor:
         lags = [0] if measure == "asc" else range(t + 1)
         return [None if gain is None or (d := self.distance(measure, t, i, lag)) is None else gain * d for lag in lags]
 
+    def cost(self, methods: list[list[str]]) -> float:
+        """The objective of a grid: its attention FLOPs or its predicted time, as a fraction."""
+        if self.objective == "time":
+            return time_fraction(methods, self.profile.latency)
+        return _flops(self.costs, methods)
+
     def loss(self, t: int, i: int, measure: str, lag: int) -> float | None:
         """Predicted output loss of the method measured by ``measure``, alone at ``(t, i)``."""
         row = self.table[measure][t][i] if measure in self.table else []
@@ -174,7 +205,7 @@ def _rule(predictor: Predictor, budget: float, combine: Combine) -> Choice:
                 computed[i] = t
             if kept in ("full", "asc"):
                 source[i], after_asc[i] = t, kept == "asc"
-    return Choice(methods, losses, _flops(predictor.costs, methods))
+    return Choice(methods, losses, predictor.cost(methods))
 
 
 def _flops(costs: list[dict[str, float]], methods: list[list[str]]) -> float:
@@ -191,23 +222,29 @@ def budget_steps(delta: float) -> int:
 
 
 class Compiler:
-    """Compiles plans from one profile; rule results are cached across δ."""
+    """Compiles plans from one profile; rule results are cached across δ.
 
-    def __init__(self, profile: Profile, *, combine: Combine = "sum") -> None:
+    ``objective`` ``None`` is ``time`` when the profile measured latencies, else ``flops``.
+    """
+
+    def __init__(self, profile: Profile, *, combine: Combine = "sum", objective: Objective | None = None) -> None:
         self.profile = profile
         self.combine: Combine = combine
-        self.predictor = Predictor(profile)
+        self.objective: Objective = objective or ("time" if profile.latency is not None else "flops")
+        if self.objective == "time" and profile.latency is None:
+            raise bad_input("objective: the profile has no measured latencies; use --objective flops")
+        self.predictor = Predictor(profile, self.objective)
         self._rules: dict[int, Choice] = {}
         self._best: list[Choice] = []  # _best[k]: least FLOPs among rules 0..k
 
     def choice(self, delta: float) -> Choice:
-        """The grid for δ: the least-FLOPs rule result over δ' = 1 − k/1000 ≥ δ."""
+        """The grid for δ: the least-cost rule result over δ' = 1 − k/1000 ≥ δ."""
         top = budget_steps(delta)
         while len(self._best) <= top:
             k = len(self._best)
             rule = self._rule(k)
             best = self._best[-1] if self._best else rule
-            self._best.append(rule if rule.flops < best.flops else best)
+            self._best.append(rule if rule.cost < best.cost else best)
         return self._best[top]
 
     def _rule(self, k: int) -> Choice:
@@ -216,7 +253,7 @@ class Compiler:
             if k == 0:  # no budget: nothing to spend, as the search at δ = 1
                 grid = [["full"] * p.layers for _ in range(p.steps)]
                 losses: list[list[float | None]] = [[None] * p.layers for _ in range(p.steps)]
-                self._rules[k] = Choice(grid, losses, 1.0)
+                self._rules[k] = Choice(grid, losses, p.cost(grid))
             else:
                 self._rules[k] = _rule(p, k / RESOLUTION, self.combine)
         return self._rules[k]
@@ -225,22 +262,28 @@ class Compiler:
         """The checked plan for δ, with the profile's header facts and predicted losses."""
         choice = self.choice(delta)
         base = header_plan(self.profile, choice.methods)
-        return msgspec.structs.replace(
+        search = SEARCH_NAMES[self.combine] + ("-time" if self.objective == "time" else "")
+        plan = msgspec.structs.replace(
             base,
             tool_version=tool_version(),
-            calibration=profile_calibration(self.profile, delta, SEARCH_NAMES[self.combine]),
+            calibration=profile_calibration(self.profile, delta, search),
             losses=choice.losses,
         )
+        return with_latency(plan, self.profile.latency)
 
 
-def compile_plan(profile: Profile, delta: float, *, combine: Combine = "sum") -> Plan:
+def compile_plan(
+    profile: Profile, delta: float, *, combine: Combine = "sum", objective: Objective | None = None
+) -> Plan:
     """The plan for ``delta`` compiled from ``profile`` (see the module docstring)."""
-    return Compiler(profile, combine=combine).plan(delta)
+    return Compiler(profile, combine=combine, objective=objective).plan(delta)
 
 
-def compile_plans(profile: Profile, deltas: Iterable[float], *, combine: Combine = "sum") -> list[Plan]:
+def compile_plans(
+    profile: Profile, deltas: Iterable[float], *, combine: Combine = "sum", objective: Objective | None = None
+) -> list[Plan]:
     """One plan per δ, sharing the work between them."""
-    compiler = Compiler(profile, combine=combine)
+    compiler = Compiler(profile, combine=combine, objective=objective)
     return [compiler.plan(d) for d in deltas]
 
 
@@ -251,6 +294,11 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     except OSError as exc:
         raise ProfileError(f"cannot read profile {str(path)!r}: {exc.strerror or exc}") from None
     return decode_profile(raw)
+
+
+def sweep_file_name(delta: float) -> str:
+    """``plan-<δ>.json``, δ written in full so that distinct values never share a name."""
+    return f"plan-{delta!r}.json"
 
 
 def parse_deltas(text: str | Sequence[float]) -> list[float]:
@@ -266,6 +314,8 @@ def parse_deltas(text: str | Sequence[float]) -> list[float]:
             raise bad_input(f"deltas: {part!r} is not a number") from None
         if not 0.0 < value <= 1.0:
             raise bad_input(f"deltas: {value} is not in (0, 1]")
+        if value in deltas:
+            raise bad_input(f"deltas: {value!r} is given twice")
         deltas.append(value)
     if not deltas:
         raise bad_input("deltas: give at least one δ, e.g. 0.975,0.95")

@@ -19,6 +19,7 @@ motion consistency of raw and planned videos is reported too (digit video models
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,12 +35,14 @@ import runtime
 from planner import video_yardstick, yardstick
 from planner.calibration import EVAL_CAPTIONS, EVAL_CLASS_IDS
 from planner.embedded import EMBEDDED_MODELS, VIDEO_MODELS
+from planner.build import vae_scale
 from planner.errors import bad_input
+from planner.fit import EVAL_SEED_OFFSET, check_eval_seeds, check_model_fit
+from planner.output import write_atomic
 from planner.registry import ModelSpec
 from runtime.state import RunStats
 from schemas import METHODS, Plan
 
-EVAL_SEED_OFFSET = 1000
 SSIM_WINDOW = 11
 
 Progress = Callable[[], None]
@@ -136,6 +139,7 @@ def eval_inputs(spec: ModelSpec, plan: Plan, num_samples: int, seed: int | None)
     if num_samples < 1:
         raise bad_input(f"num_samples: must be >= 1 (got {num_samples})")
     first = default_seed(plan) if seed is None else seed
+    check_eval_seeds(first, num_samples)
     seeds = tuple(range(first, first + num_samples))
     if plan.calibration is not None and plan.calibration.seed in seeds:
         raise bad_input(
@@ -193,14 +197,15 @@ def match_scheduler(pipe: Any, plan: Plan) -> None:
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
 
 
-def check_plan_fits(pipe: Any, plan: Plan) -> None:
+def check_plan_fits(pipe: Any, spec: ModelSpec, plan: Plan) -> None:
     """Refuse, before generating anything, a plan that does not fit the pipeline."""
     video_plan = plan.layers is not None or plan.tokens.frames is not None
     if video_plan != (getattr(pipe.transformer, "temporal_transformer_blocks", None) is not None):
         raise bad_input(f"plan: a {'video' if video_plan else 'image'} plan does not fit {type(pipe).__name__}")
     if plan.tokens.height is None or plan.tokens.width is None:
         raise bad_input("$.tokens.height: the plan records no image size to evaluate at")
-    runtime.apply(plan, pipe).remove()  # layers, heads, head dim, class and config (strict)
+    check_model_fit(plan, spec, pipe.transformer, vae_scale(pipe), dict(pipe.scheduler.config))
+    runtime.apply(plan, pipe).remove()  # and the pipeline's own CFG batch order
 
 
 @contextmanager
@@ -257,7 +262,7 @@ def evaluate(
     if repeats < 1:
         raise bad_input(f"repeats: must be >= 1 (got {repeats})")
     match_scheduler(pipe, plan)
-    check_plan_fits(pipe, plan)
+    check_plan_fits(pipe, spec, plan)
     warmup = call_kwargs(spec, plan, inputs, slice(0, 1))
     pipe(**{**warmup, "num_inference_steps": min(2, plan.sampling.num_steps)})
     raw_parts, planned_parts, stats = [], [], RunStats()
@@ -329,10 +334,9 @@ def save_grid(raw: np.ndarray, planned: np.ndarray, path: Path, *, gap: int = 2)
         for i, image in enumerate(pixels):
             left = gap + i * (tile_w + gap)
             canvas[top : top + tile_h, left : left + tile_w] = image[..., :3]
-    try:
-        Image.fromarray(canvas).save(path, format="PNG")
-    except OSError as exc:
-        raise bad_input(f"save_grid: cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    png = io.BytesIO()
+    Image.fromarray(canvas).save(png, format="PNG")
+    write_atomic(png.getvalue(), path, "save_grid")
 
 
 def render(result: EvalResult) -> Any:

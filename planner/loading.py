@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import platform
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import huggingface_hub
@@ -39,6 +41,13 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise bad_input(f"device: {name!r} is not available on this machine")
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """What a device is, as plans record where their latencies were measured."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -83,15 +92,42 @@ def load_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> 
     return pipe.to(device)
 
 
+def _component_class(spec: ModelSpec, index: dict[str, Any], name: str) -> Any:
+    import diffusers
+
+    try:
+        return getattr(diffusers, index[name][1])
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise bad_input(f"model: {spec.source} has no supported {name} in model_index.json") from None
+
+
 def load_transformer_skeleton(spec: ModelSpec) -> torch.nn.Module:
     """The model's transformer built from its config on the meta device: no weights needed."""
+    return load_model_skeleton(spec).transformer
+
+
+@dataclass(frozen=True)
+class ModelSkeleton:
+    """What checking a plan against a model needs, from its configs alone (no weights)."""
+
+    transformer: torch.nn.Module
+    vae_scale: int
+    scheduler_config: dict[str, Any]
+
+
+def load_model_skeleton(spec: ModelSpec) -> ModelSkeleton:
+    """The transformer on the meta device, the VAE's pixels per latent and the scheduler config."""
     import diffusers
 
     index = _cache_first(spec, diffusers.DiffusionPipeline.load_config, spec.source)
-    try:
-        transformer_class = getattr(diffusers, index["transformer"][1])
-    except (KeyError, IndexError, TypeError, AttributeError):
-        raise bad_input(f"model: {spec.source} has no supported transformer in model_index.json") from None
+    transformer_class = _component_class(spec, index, "transformer")
     config = _cache_first(spec, transformer_class.load_config, spec.source, subfolder="transformer")
     with torch.device("meta"):
-        return transformer_class.from_config(config)
+        transformer = transformer_class.from_config(config)
+    vae_class = _component_class(spec, index, "vae")
+    vae = _cache_first(spec, vae_class.load_config, spec.source, subfolder="vae")
+    scheduler_class = _component_class(spec, index, "scheduler")
+    scheduler = _cache_first(spec, scheduler_class.load_config, spec.source, subfolder="scheduler")
+    channels = vae.get("block_out_channels")
+    vae_scale = 2 ** (len(channels) - 1) if channels else 8  # diffusers' default without a VAE config
+    return ModelSkeleton(transformer, vae_scale, dict(scheduler))

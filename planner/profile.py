@@ -22,10 +22,12 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 import runtime
-from planner.build import BuildRequest, draft_plan, generation_kwargs, video_frames
+from planner import distributed
+from planner.build import BuildRequest, generation_kwargs, own_output, settle_window
 from planner.errors import bad_input
+from planner.latency import measure_latency
 from planner.output import write_atomic
-from planner.search import CANDIDATES, CFG_SHARING, ChunkedForward, rel_l1
+from planner.search import CANDIDATES, CFG_SHARING, ChunkedForward, rel_l1_sums
 from runtime.recording import Recorder
 from runtime.runner import Runner
 from runtime.schedule import Schedule
@@ -45,7 +47,7 @@ ProfileProgress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class ProfileResult:
-    """The profile, the calibration batch's pipeline output, and the profiling time."""
+    """The profile, the calibration batch's pipeline output (``own_output``), and the profiling time."""
 
     profile: Profile
     images: torch.Tensor
@@ -98,10 +100,11 @@ class ProfileSession(ChunkedForward):
         self.recorders = [Recorder(self.lags) for _ in range(count)]
 
     def recorder(self) -> Recorder:
-        """All chunks' measurements together."""
+        """All chunks' measurements together, and every rank's in a data-parallel run."""
         total = Recorder(self.lags)
         for recorder in self.recorders:
             total.merge(recorder)
+        total.reduce(distributed.sum_floats)
         return total
 
     def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
@@ -115,11 +118,12 @@ class ProfileSession(ChunkedForward):
                     for probe in self.probes:
                         trials[layer, probe] = self._run(step, parts, {layer: probe})
             outputs = self._run(step, parts, None, self.recorders)
-            for layer in range(self.num_layers):
-                for probe in self.probes:
-                    if step > 0:
-                        self.losses[probe][step][layer] = rel_l1(trials[layer, probe], outputs)
-                if self.progress is not None:
+            if trials:  # one collective per step: the loss of every trial over the whole batch
+                sums = distributed.sum_pairs([rel_l1_sums(trial, outputs) for trial in trials.values()])
+                for (layer, probe), (total, count) in zip(trials, sums):
+                    self.losses[probe][step][layer] = total / count
+            if self.progress is not None:
+                for layer in range(self.num_layers):
                     self.progress(step, layer)
             sample = self._chunks.join(outputs)
         finally:
@@ -142,9 +146,10 @@ def profile_model(
     """
     if lags < 1:
         raise bad_input(f"lags: must be >= 1 (got {lags})")
-    draft = draft_plan(pipe, request)
+    draft = settle_window(pipe, request)  # --window auto measures its candidates first
     cfg = draft.sampling.cfg
     probes = check_probes(tuple(probes), cfg)
+    latency = measure_latency(pipe, draft, generation_kwargs(pipe, request)) if request.latency else None
     handle = runtime.apply(draft, pipe)
     try:
         handle.runner.schedule = Schedule([list(row) for row in draft.methods], keep_all=True)
@@ -158,8 +163,7 @@ def profile_model(
         )
         start = time.perf_counter()
         with session.attached():
-            output = pipe(**generation_kwargs(pipe, request))
-            images = output.frames if video_frames(pipe) else output.images
+            images = own_output(pipe, pipe(**generation_kwargs(pipe, request)), request)
         seconds = time.perf_counter() - start
     finally:
         handle.remove()
@@ -179,6 +183,8 @@ def profile_model(
             prompts_hash=calibration.prompts_hash,
             num_prompts=calibration.num_prompts,
             seed=calibration.seed,
+            world_size=calibration.world_size,
+            window_errors=calibration.window_errors,
         ),
         lags=lags,
         measurements=Measurements(
@@ -191,6 +197,7 @@ def profile_model(
             loss=session.losses,
         ),
         layers=draft.layers,
+        latency=latency,
     )
     return ProfileResult(profile=profile, images=images, seconds=seconds)
 

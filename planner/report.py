@@ -9,7 +9,18 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from schemas import METHODS, Plan, layer_weight, method_cost, plan_layers
+from schemas import (
+    LATENCY_VARIANTS,
+    METHODS,
+    Latency,
+    Plan,
+    keys_per_query,
+    layer_weight,
+    method_cost,
+    plan_layers,
+    window_name,
+    window_pairs,
+)
 
 # One letter and colour per method: A = sharing across timesteps, C = across CFG halves,
 # W = window + residual, B = both window and CFG sharing.
@@ -57,8 +68,14 @@ def _facts_table(plan: Plan) -> Table:
                 f"seed {calibration.seed}, {calibration.search}",
             )
         )
+    window = window_fact(plan)
+    if window is not None:
+        rows.append(("window", window))
     rows.append(("plan", f"schema {plan.schema_version}, ditfastattn {plan.tool_version}"))
     rows.append(("attention FLOPs", percent(plan.summary.attention_flops_fraction)))
+    if plan.latency is not None:
+        rows.append(("latency", latency_fact(plan.latency)))
+        rows.append(("predicted time", f"{plan.summary.time_fraction:.3f} of the all-full plan"))
     rows.append(("methods", method_counts(plan.summary.method_counts)))
     for key, value in rows:
         table.add_row(key, value)
@@ -67,13 +84,40 @@ def _facts_table(plan: Plan) -> Table:
 
 def _tokens_fact(plan: Plan, size: str) -> str:
     tokens = plan.tokens
+    window = f"±{plan.window}" if isinstance(plan.window, int) else window_name(plan.window)
     if plan.layers is None:
-        return f"{tokens.num_tokens}{size}, window ±{plan.window}"
+        return f"{tokens.num_tokens}{size}, window {window}"
     temporal = next((layer for layer in plan.layers if layer.kind == "temporal"), None)
-    text = f"{tokens.num_tokens} per frame{size}, window ±{plan.window}"
+    text = f"{tokens.num_tokens} per frame{size}, window {window}"
     if temporal is not None:
         text += f"; {tokens.frames} frames, temporal window ±{temporal.window}"
     return text
+
+
+def window_fact(plan: Plan) -> str | None:
+    """The spatial window's shape and pairs, and what ``--window auto`` measured; ``None``
+    for a plain band that was asked for (the tokens line says it)."""
+    window, tokens = plan.window, plan.tokens.num_tokens
+    errors = plan.calibration.window_errors if plan.calibration is not None else None
+    if isinstance(window, int) and not errors:
+        return None
+    share = percent(window_pairs(tokens, window) / tokens**2)
+    if isinstance(window, int):
+        text = f"band ±{window}, {share} of the query-key pairs"
+    else:
+        grid = "x".join(map(str, window.grid)) + " patches" if hasattr(window, "grid") else f"{tokens} tokens"
+        keys = keys_per_query(window, tokens)
+        text = f"{window_name(window)} over {grid}: {keys} keys per query, {share} of the pairs"
+    if errors:
+        measured = ", ".join(f"{name} {error:.4f}" for name, error in sorted(errors.items(), key=lambda x: x[1]))
+        text += f"; chosen by auto, residual error {measured}"
+    return text
+
+
+def latency_fact(latency: Latency) -> str:
+    """Where the latencies were measured, and each variant's time per layer-step."""
+    figures = ", ".join(f"{v} {1e3 * latency.seconds[v]:.3g} ms" for v in LATENCY_VARIANTS if v in latency.seconds)
+    return f"{latency.device}, {latency.dtype}, kernel {latency.kernel}, {latency.rows} rows: {figures}"
 
 
 def method_counts(counts: dict[str, int]) -> Text:
@@ -86,29 +130,57 @@ def method_counts(counts: dict[str, int]) -> Text:
     return text
 
 
+# Beyond these, ``grid`` summarises: the first and last steps only, method counts per step.
+MAX_GRID_STEPS = 60
+MAX_GRID_LAYERS = 120
+
+
+def shown_steps(steps: int) -> list[int | None]:
+    """The steps ``grid`` prints, ``None`` where it skips some (long plans)."""
+    if steps <= MAX_GRID_STEPS:
+        return list(range(steps))
+    head, tail = MAX_GRID_STEPS - 10, 10
+    return [*range(head), None, *range(steps - tail, steps)]
+
+
+def _letters(row: list[str], layers: list[Any], video: bool) -> Text:
+    letters = Text()
+    for i, method in enumerate(row):
+        letter, style = METHOD_STYLE[method]
+        if video and layers[i].kind == "temporal":
+            letter = letter.lower()  # temporal layers in lower case
+        letters.append(letter, style=style)
+        if video and layers[i].kind == "temporal" and i + 1 < len(row):
+            letters.append(" ")
+    return letters
+
+
 def grid(plan: Plan) -> Table:
-    """One row per step, one coloured letter per layer, and the step's attention FLOPs."""
+    """One row per step, one coloured letter per layer, and the step's attention FLOPs.
+
+    Plans of more than ``MAX_GRID_LAYERS`` layers show each step's method counts
+    instead of letters; plans of more than ``MAX_GRID_STEPS`` steps show their first
+    and last steps, so the table stays small whatever the plan's size.
+    """
     table = Table(box=None, padding=(0, 1), show_edge=False)
     table.add_column("step", justify="right", style="bold")
     layers = plan_layers(plan)
     video = plan.layers is not None
-    heading = f"layers 0 … {plan.model.num_layers - 1}"
+    wide = plan.model.num_layers > MAX_GRID_LAYERS
+    heading = f"layers 0 … {plan.model.num_layers - 1}" + (" (method counts)" if wide else "")
     table.add_column(heading)
     table.add_column("FLOPs", justify="right")
     weights = [layer_weight(layer) for layer in layers]
-    for t, row in enumerate(plan.methods):
-        letters = Text()
-        for i, method in enumerate(row):
-            letter, style = METHOD_STYLE[method]
-            if video and layers[i].kind == "temporal":
-                letter = letter.lower()  # temporal layers in lower case
-            letters.append(letter, style=style)
-            if video and layers[i].kind == "temporal" and i + 1 < len(row):
-                letters.append(" ")
-        kept = sum(
-            w * method_cost(m, layer.num_tokens, layer.window) for m, layer, w in zip(row, layers, weights)
-        ) / sum(weights)
-        table.add_row(str(t), letters, percent(kept))
+    total = sum(weights)
+    for t in shown_steps(len(plan.methods)):
+        if t is None:
+            skipped = len(plan.methods) - MAX_GRID_STEPS
+            table.add_row("…", Text(f"{skipped} steps not shown (planner show --json for the figures)"), "")
+            continue
+        row = plan.methods[t]
+        cells = method_counts({m: row.count(m) for m in METHODS}) if wide else _letters(row, layers, video)
+        kept = sum(w * method_cost(m, layer.num_tokens, layer.window) for m, layer, w in zip(row, layers, weights))
+        table.add_row(str(t), cells, percent(kept / total))
     return table
 
 
@@ -133,7 +205,10 @@ def build_summary(plan: Plan, output: str, seconds: float, plain_seconds: float 
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
+    table.add_row("window", window_fact(plan) or f"band ±{plan.window}")
     table.add_row("attention FLOPs kept", percent(plan.summary.attention_flops_fraction))
+    if plan.summary.time_fraction is not None:
+        table.add_row("predicted time", f"{plan.summary.time_fraction:.3f} of all-full on {plan.latency.device}")
     table.add_row("methods", method_counts(plan.summary.method_counts))
     search = f"{seconds:.2f} s"
     if plain_seconds:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from planner import distributed
 from runtime.recording import Recorder
 from runtime.runner import Runner
 from runtime.state import GenerationState
@@ -33,12 +34,19 @@ def rel_l1_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
     return float(err.sum(dtype=torch.float64)), err.numel()
 
 
-def rel_l1(outputs: list[torch.Tensor], references: list[torch.Tensor]) -> float:
-    """Relative L1 over a whole batch given in chunks: the mean over every element."""
+def rel_l1_sums(outputs: list[torch.Tensor], references: list[torch.Tensor]) -> tuple[float, int]:
+    """Sum and count of :func:`rel_l1_terms` over a batch given in chunks."""
     total, count = 0.0, 0
     for out, ref in zip(outputs, references):
         s, n = rel_l1_terms(out, ref)
         total, count = total + s, count + n
+    return total, count
+
+
+def rel_l1(outputs: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """Relative L1 over the whole calibration batch: the mean over every element of its
+    chunks and, in a data-parallel run, of every rank's (a collective: all ranks call it)."""
+    [(total, count)] = distributed.sum_pairs([rel_l1_sums(outputs, references)])
     return total / count
 
 
@@ -47,25 +55,29 @@ class Chunks:
 
     With CFG a batch of ``2B`` rows holds the same ``B`` prompts twice, one half per
     branch; a chunk takes both halves' rows of its prompts, in the batch's order, so
-    CFG sharing still sees a conditional and an unconditional half.
+    CFG sharing still sees a conditional and an unconditional half. ``share`` (default:
+    all) is the range of prompts this rank runs in a data-parallel run; the other rows
+    are left out of every chunk.
     """
 
-    def __init__(self, rows: int, cfg: bool, size: int | None) -> None:
+    def __init__(self, rows: int, cfg: bool, size: int | None, share: range | None = None) -> None:
         self.rows = rows
         prompts = rows // 2 if cfg else rows
-        size = min(size or prompts, prompts)
+        share = range(prompts) if share is None else share
+        self.whole = len(share) == prompts
+        size = min(size or len(share), len(share))
         self.index: list[torch.Tensor] = []
-        for start in range(0, prompts, size):
-            picked = torch.arange(start, min(start + size, prompts))
+        for start in range(share.start, share.stop, size):
+            picked = torch.arange(start, min(start + size, share.stop))
             self.index.append(torch.cat([picked, picked + prompts]) if cfg else picked)
-        self.inverse = torch.argsort(torch.cat(self.index))
+        self.picked = torch.cat(self.index)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def split(self, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
         """Per chunk, the call's arguments restricted to its rows."""
-        if len(self) == 1:
+        if len(self) == 1 and self.whole:
             return [(args, kwargs)]
         return [
             (tuple(self._rows(a, idx) for a in args), {k: self._rows(v, idx) for k, v in kwargs.items()})
@@ -73,11 +85,13 @@ class Chunks:
         ]
 
     def join(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """The chunks' outputs as one batch, in the original row order."""
-        if len(outputs) == 1:
+        """The chunks' outputs as one batch, in the original row order; rows outside the
+        share are zeros (the pipeline carries them along, nothing reads them)."""
+        if len(outputs) == 1 and self.whole:
             return outputs[0]
         joined = torch.cat(outputs)
-        return joined.index_select(0, self.inverse.to(joined.device))
+        batch = joined.new_zeros((self.rows, *joined.shape[1:]))
+        return batch.index_copy_(0, self.picked.to(joined.device), joined)
 
     def _rows(self, value: Any, idx: torch.Tensor) -> Any:
         if isinstance(value, dict):
@@ -90,8 +104,9 @@ class Chunks:
 class ChunkedForward:
     """Routes a transformer's forward through ``_forward`` while ``attached``.
 
-    The calibration batch is split into chunks (:class:`Chunks`), each run on its own
-    generation state, so per-chunk caches stay apart; subclasses decide what a step does.
+    The calibration batch (this rank's share of it in a data-parallel run) is split into
+    chunks (:class:`Chunks`), each run on its own generation state, so per-chunk caches
+    stay apart; subclasses decide what a step does.
     """
 
     def __init__(self, runner: Runner, transformer: torch.nn.Module, calib_batch: int | None) -> None:
@@ -118,8 +133,10 @@ class ChunkedForward:
     def _split(self, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
         """The step's inputs per chunk; the chunks and their states are made at the first step."""
         if self._chunks is None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._chunks = Chunks(hidden.shape[0], self.runner.cfg, self.calib_batch)
+            rows = (args[0] if args else kwargs["hidden_states"]).shape[0]
+            cfg = self.runner.cfg
+            share = distributed.share(rows // 2 if cfg else rows)
+            self._chunks = Chunks(rows, cfg, self.calib_batch, share)
             self._states = [GenerationState() for _ in range(len(self._chunks))]
             self._chunks_made(len(self._chunks))
         return self._chunks.split(args, kwargs)
@@ -155,6 +172,7 @@ class GreedySearch(ChunkedForward):
     Writes its choices into ``runner.schedule.methods`` (a ``keep_all`` schedule that
     starts all ``full``) and the loss of each kept choice into ``losses`` (``None`` where
     nothing was measured: step 0, and every step when δ = 1 leaves no budget).
+    ``allowed`` limits the candidates (to those faster than ``full`` on the device).
     """
 
     def __init__(
@@ -165,6 +183,7 @@ class GreedySearch(ChunkedForward):
         delta: float,
         calib_batch: int | None = None,
         progress: Progress | None = None,
+        allowed: tuple[str, ...] | None = None,
     ) -> None:
         super().__init__(runner, transformer, calib_batch)
         self.delta = delta
@@ -172,7 +191,9 @@ class GreedySearch(ChunkedForward):
         self.methods = runner.schedule.methods
         self.num_layers = len(self.methods[0])
         self.losses: list[list[float | None]] = [[None] * self.num_layers for _ in self.methods]
-        self.candidates = tuple(m for m in CANDIDATES if runner.cfg or m not in CFG_SHARING)
+        self.candidates = tuple(
+            m for m in CANDIDATES if (runner.cfg or m not in CFG_SHARING) and (allowed is None or m in allowed)
+        )
 
     # -- one denoising step --------------------------------------------------
     def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:

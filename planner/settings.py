@@ -12,7 +12,9 @@ from planner.build import DEFAULT_WINDOW_FRAC, BuildRequest
 from planner.calibration import CAPTIONS, CLASS_IDS, read_prompts, take
 from planner.errors import bad_input
 from planner.profile import DEFAULT_LAGS, DEFAULT_PROBES
+from planner.windows import parse_window
 from planner.registry import ModelSpec
+from schemas.plan import MAX_GUIDANCE, MAX_LAGS, MAX_PROMPTS, MAX_SEED, MAX_SIDE, MAX_STEPS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,36 +24,39 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
+
 class BuildSettings(BaseModel):
     """What to calibrate and how. ``None`` means the model's default.
 
     Relative paths are taken from the working directory.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     delta: float = Field(gt=0.0, le=1.0)
     output: Path
-    steps: int | None = Field(None, ge=1)
-    height: int | None = Field(None, ge=1)
-    width: int | None = Field(None, ge=1)
-    resolution: int | None = Field(None, ge=1)
-    guidance: float | None = Field(None, ge=0.0)
-    window: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    height: int | None = Field(None, ge=1, le=MAX_SIDE)
+    width: int | None = Field(None, ge=1, le=MAX_SIDE)
+    resolution: int | None = Field(None, ge=1, le=MAX_SIDE)
+    guidance: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE)
+    window: str | None = None  # --window's forms (planner/windows.py); None: auto
     window_frac: float | None = Field(None, gt=0.0, le=1.0)
     prompts: Path | None = None
-    num_prompts: int | None = Field(None, ge=1)
-    classes: list[int] | None = Field(None, min_length=1)
+    num_prompts: int | None = Field(None, ge=1, le=MAX_PROMPTS)
+    classes: list[int] | None = Field(None, min_length=1, max_length=MAX_PROMPTS)
     calib_batch: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str | None = None
     dtype: Dtype = "auto"
     baseline: bool = False
     search: Literal["greedy", "profile"] = "greedy"
-    lags: int = Field(DEFAULT_LAGS, ge=1)
+    lags: int = Field(DEFAULT_LAGS, ge=1, le=MAX_LAGS)
     probes: list[Literal["ast", "wars_asc", "wars", "asc"]] = Field(list(DEFAULT_PROBES), min_length=1)
     combine: Literal["sum", "rss"] = "sum"
+    latency: bool = True
+    objective: Literal["time", "flops"] | None = None
 
     @field_validator("classes", "probes", mode="before")
     @classmethod
@@ -59,6 +64,11 @@ class BuildSettings(BaseModel):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window_form(cls, value: Any) -> Any:
+        return None if value is None else str(parse_window(value))
 
     @field_validator("classes")
     @classmethod
@@ -71,11 +81,11 @@ class BuildSettings(BaseModel):
     def _exclusive(self) -> BuildSettings:
         if self.resolution is not None and (self.height is not None or self.width is not None):
             raise ValueError("resolution: give --resolution or --height/--width, not both")
-        if self.window is not None and self.window_frac is not None:
+        if self.window not in (None, "auto") and self.window_frac is not None:
             raise ValueError("window: give --window or --window-frac, not both")
         if self.prompts is not None and self.classes is not None:
             raise ValueError("prompts: give --prompts (captions) or --classes (class ids), not both")
-        profiled = sorted({"lags", "probes", "combine"} & self.model_fields_set)
+        profiled = sorted({"lags", "probes", "combine", "objective"} & self.model_fields_set)
         if self.search == "greedy" and profiled:
             raise ValueError(f"{profiled[0]}: applies to --search profile only")
         return self
@@ -109,6 +119,8 @@ def read_config(path: Path) -> dict[str, Any]:
             table = tomllib.load(handle)
     except OSError as exc:
         raise bad_input(f"config: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise bad_input(f"config: {str(path)!r} is not UTF-8 text (byte {exc.start}); give a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise bad_input(f"config: {str(path)!r} is not valid TOML: {exc}") from None
     return {key.replace("-", "_"): value for key, value in table.items()}
@@ -147,9 +159,10 @@ def build_request(settings: BuildSettings, spec: ModelSpec) -> BuildRequest:
         guidance=settings.guidance if settings.guidance is not None else spec.guidance,
         height=height,
         width=width,
-        window=settings.window,
+        window=settings.window or "auto",
         window_frac=settings.window_frac or DEFAULT_WINDOW_FRAC,
         seed=settings.seed,
         calib_batch=settings.calib_batch,
         call_kwargs=dict(spec.family.call_kwargs),
+        latency=settings.latency,
     )

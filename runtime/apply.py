@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,19 @@ PIPELINE_CFG_ORDER = {
     "DiTPipeline": "cond_uncond",
     "LattePipeline": "uncond_cond",
 }
+
+# CFG batch order of a bare transformer, by class name, for the classes whose every
+# diffusers pipeline batches one way (PixArt-α, PixArt-Σ, PAG-Σ, DiT, Latte in diffusers
+# 0.42). A pipeline's own entry above wins; a class missing here is checked at run time
+# only (DiT's null class labels).
+TRANSFORMER_CFG_ORDER = {
+    "PixArtTransformer2DModel": "uncond_cond",
+    "DiTTransformer2DModel": "cond_uncond",
+    "LatteTransformer3DModel": "uncond_cond",
+}
+
+# Attribute that marks a transformer holding a live plan; its value is the handle.
+APPLIED_ATTR = "_fastattn_handle"
 
 
 def find_transformer(target: Any) -> torch.nn.Module:
@@ -86,6 +100,21 @@ def _check_model(plan: Plan, model: torch.nn.Module, layers: list[Any], strict: 
             )
 
 
+def _check_cfg_order(plan: Plan, target: Any, model: torch.nn.Module) -> None:
+    """The plan's CFG order against the pipeline's class, else the transformer's class."""
+    if not plan.sampling.cfg:
+        return
+    name = type(target).__name__
+    expected = PIPELINE_CFG_ORDER.get(name) if target is not model else None
+    if expected is None:
+        name = type(model).__name__
+        expected = TRANSFORMER_CFG_ORDER.get(name)
+    if expected is not None and expected != plan.sampling.cfg_order:
+        raise PlanError(
+            f"$.sampling.cfg_order: plan says {plan.sampling.cfg_order!r}, {name} batches {expected!r}"
+        )
+
+
 class FastAttnHandle:
     """A plan installed on a model. Remove it with ``remove()`` or by leaving a ``with`` block.
 
@@ -93,21 +122,37 @@ class FastAttnHandle:
     count restarts whenever the pipeline sets its scheduler's timesteps (each call).
     On a bare transformer, call ``reset()`` before each new generation; a forward that
     raised also ends its generation, so the next forward is step 0 again.
+
+    One live handle per transformer: the transformer carries it as ``APPLIED_ATTR``
+    until ``remove()``.
     """
 
-    def __init__(self, plan: Plan, target: Any, *, kernel: str = "auto", strict: bool = True):
+    def __init__(
+        self,
+        plan: Plan,
+        target: Any,
+        *,
+        kernel: str = "auto",
+        strict: bool = True,
+        compile: bool | dict[str, Any] = False,
+    ):
+        if not isinstance(plan, Plan):
+            raise TypeError(
+                f"plan: expected a Plan (use runtime.load_plan(path) first), got {type(plan).__name__}"
+            )
         if kernel not in KERNELS:
             raise ValueError(f"kernel: unknown kernel {kernel!r}; choose from {KERNELS}")
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile: expected a bool or a dict of torch.compile options, got {type(compile).__name__}")
         self.plan = plan
         self.transformer = model = find_transformer(target)
+        if vars(model).get(APPLIED_ATTR) is not None:
+            raise RuntimeError(
+                "target: a plan is already applied to this transformer; remove its handle first"
+            )
         layers = self_attention_layers(model)
         _check_model(plan, model, layers, strict)
-        expected = PIPELINE_CFG_ORDER.get(type(target).__name__)
-        if plan.sampling.cfg and expected and expected != plan.sampling.cfg_order:
-            raise PlanError(
-                f"$.sampling.cfg_order: plan says {plan.sampling.cfg_order!r}, "
-                f"{type(target).__name__} batches {expected!r}"
-            )
+        _check_cfg_order(plan, target, model)
         config = getattr(model, "config", {}) or {}
         self.runner = Runner(
             Schedule([list(row) for row in plan.methods]),
@@ -120,18 +165,36 @@ class FastAttnHandle:
             layers=list(plan.layers) if plan.layers else None,
         )
         self._scheduler = getattr(target, "scheduler", None) if target is not model else None
-        self._installed = install(self.runner, model, layers)
-        self._hook_scheduler()
+        self._timesteps_hook: TimestepsHook | None = None
+        self._compiled: CompiledBlocks | None = None
+        self._installed: Installed | None = install(self.runner, model, layers)
+        try:
+            if self._scheduler is not None and hasattr(self._scheduler, "set_timesteps"):
+                self._timesteps_hook = TimestepsHook.add(self._scheduler, self._timesteps_set)
+            if compile is not False:
+                options = compile if isinstance(compile, dict) else {}
+                self._compiled = CompiledBlocks(model, options, graphs=expected_graphs(self.runner, model))
+        except BaseException:
+            self.remove()
+            raise
+        setattr(model, APPLIED_ATTR, self)
 
     # -- lifecycle ---------------------------------------------------------
     def remove(self) -> None:
-        """Restore the original processors and hooks; idempotent."""
+        """Restore the original processors and hooks and unmark the transformer; idempotent."""
         if self._installed is None:
             return
+        if self._compiled is not None:
+            self._compiled.remove()
+            self._compiled = None
         self._installed.remove()
         self._installed = None
-        if self._scheduler is not None and "set_timesteps" in vars(self._scheduler):
-            del self._scheduler.set_timesteps
+        if self._timesteps_hook is not None:
+            self._timesteps_hook.discard(self._timesteps_set)
+            self._timesteps_hook = None
+        if vars(self.transformer).get(APPLIED_ATTR) is self:
+            delattr(self.transformer, APPLIED_ATTR)
+        self.runner.unbind()
         self.runner.state.reset()
 
     def __enter__(self) -> FastAttnHandle:
@@ -155,25 +218,58 @@ class FastAttnHandle:
         """The next denoising step of the current generation."""
         return self.runner.state.step
 
-    def _hook_scheduler(self) -> None:
-        scheduler = self._scheduler
-        if scheduler is None or not hasattr(scheduler, "set_timesteps"):
+    def _timesteps_set(self) -> None:
+        """A new generation: step 0, and the pipeline's step count must be the plan's."""
+        self.runner.state.reset()
+        steps = self.plan.sampling.num_steps
+        count = len(getattr(self._scheduler, "timesteps", ()))
+        if count and count != steps:
+            raise PlanError(f"$.sampling.num_steps: plan has {steps} steps, the pipeline runs {count}")
+
+
+class TimestepsHook:
+    """Stands in for a scheduler's ``set_timesteps``; calls each handle's callback after it.
+
+    One per scheduler, shared by every handle on pipelines that share the scheduler;
+    the last ``discard`` puts back what was there, whatever order the handles go in.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.previous = vars(scheduler).get("set_timesteps")  # an instance attribute, or None
+        self.original = scheduler.set_timesteps
+        self.callbacks: list[Callable[[], None]] = []
+        functools.update_wrapper(self, self.original)  # inspect.signature sees the original's
+        scheduler.set_timesteps = self
+
+    @classmethod
+    def add(cls, scheduler: Any, callback: Callable[[], None]) -> TimestepsHook:
+        hook = vars(scheduler).get("set_timesteps")
+        if not isinstance(hook, cls):
+            hook = cls(scheduler)
+        hook.callbacks.append(callback)
+        return hook
+
+    def discard(self, callback: Callable[[], None]) -> None:
+        self.callbacks.remove(callback)
+        if self.callbacks or vars(self.scheduler).get("set_timesteps") is not self:
             return
-        original = scheduler.set_timesteps
-        runner, steps = self.runner, self.plan.sampling.num_steps
+        if self.previous is None:
+            del self.scheduler.set_timesteps
+        else:
+            self.scheduler.set_timesteps = self.previous
 
-        @functools.wraps(original)
-        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-            result = original(*args, **kwargs)
-            runner.state.reset()
-            count = len(getattr(scheduler, "timesteps", ()))
-            if count and count != steps:
-                raise PlanError(
-                    f"$.sampling.num_steps: plan has {steps} steps, the pipeline runs {count}"
-                )
-            return result
-
-        scheduler.set_timesteps = set_timesteps
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.original(*args, **kwargs)
+        errors = []
+        for callback in list(self.callbacks):  # every handle restarts, even if one refuses
+            try:
+                callback()
+            except PlanError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return result
 
 
 class Installed:
@@ -189,11 +285,87 @@ class Installed:
             hook.remove()
 
 
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks regional compilation compiles: the modules whose class the model lists in
+    diffusers' ``_repeated_blocks``, else ``transformer_blocks`` (and ``temporal_transformer_blocks``)."""
+    names = getattr(model, "_repeated_blocks", None)
+    if names:
+        return [m for m in model.modules() if type(m).__name__ in names]
+    temporal = getattr(model, "temporal_transformer_blocks", None)
+    return list(model.transformer_blocks) + (list(temporal) if temporal is not None else [])
+
+
+def expected_graphs(runner: Runner, model: torch.nn.Module) -> int:
+    """Graphs a compiled block class needs at most for the plan: one per distinct layer-step
+    (``Schedule.variants``), window and layer kind (spatial and temporal blocks share a class)."""
+    layers = len(runner.schedule.methods[0])
+    windows = len({id(runner.window_kernel(i)) for i in range(layers)})
+    kinds = 2 if getattr(model, "temporal_transformer_blocks", None) is not None else 1
+    return len(runner.schedule.variants()) * windows * kinds
+
+
+class CompiledBlocks:
+    """``torch.compile`` of each repeated block of ``model`` (regional compilation), undone by ``remove``.
+
+    Uses diffusers' ``compile_repeated_blocks`` where the model declares ``_repeated_blocks``,
+    else ``Module.compile`` on each block of ``repeated_blocks``. The options default to
+    ``dynamic=False`` (every layer-step has the same shapes) and a recompile limit of twice
+    ``graphs`` (the graphs a block class is expected to need), so that no variant falls back
+    to eager. A pre-forward hook makes each block's ``hidden_states`` contiguous: the first
+    block's input is a transposed view, and a stride guard would otherwise compile every
+    variant twice.
+    """
+
+    def __init__(self, model: torch.nn.Module, options: dict[str, Any], graphs: int = 1) -> None:
+        self.blocks = repeated_blocks(model)
+        self.previous = [vars(block).get("_compiled_call_impl") for block in self.blocks]
+        limit = max(torch._dynamo.config.recompile_limit, 2 * graphs)
+        options = {"dynamic": False, "recompile_limit": limit, **options}
+        self.hooks: list[Any] = []
+        try:
+            if getattr(model, "_repeated_blocks", None):
+                model.compile_repeated_blocks(**options)
+            else:
+                for block in self.blocks:
+                    block.compile(**options)
+            self.hooks = [b.register_forward_pre_hook(_contiguous_input, with_kwargs=True) for b in self.blocks]
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Put back each block's own (uncompiled, or the user's compiled) call."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        for block, previous in zip(self.blocks, self.previous):
+            if previous is None:
+                vars(block).pop("_compiled_call_impl", None)
+            else:
+                block._compiled_call_impl = previous
+
+
+@torch.compiler.disable
+def _contiguous_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if args and torch.is_tensor(args[0]) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:]), kwargs
+    hidden = kwargs.get("hidden_states")
+    if torch.is_tensor(hidden) and not hidden.is_contiguous():
+        return args, {**kwargs, "hidden_states": hidden.contiguous()}
+    return None
+
+
 def install(runner: Runner, model: torch.nn.Module, layers: list[Any]) -> Installed:
     """Put one ``FastAttnProcessor`` on each self-attention layer and the step hooks on ``model``."""
     originals = [attn.processor for attn in layers]
-    for i, attn in enumerate(layers):
-        attn.set_processor(FastAttnProcessor(runner, i))
+    processors = [FastAttnProcessor(runner, i) for i in range(len(layers))]
+    try:
+        for attn, processor in zip(layers, processors):
+            attn.set_processor(processor)
+    except BaseException:
+        Installed(layers, originals, []).remove()
+        raise
+    runner.processors = processors
 
     @torch.compiler.disable
     def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -216,12 +388,30 @@ def _forward_args(model: torch.nn.Module) -> tuple[str, ...]:
     return code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
 
 
-def apply(plan: Plan, target: Any, *, kernel: str = "auto", strict: bool = True) -> FastAttnHandle:
+def apply(
+    plan: Plan,
+    target: Any,
+    *,
+    kernel: str = "auto",
+    strict: bool = True,
+    compile: bool | dict[str, Any] = False,
+) -> FastAttnHandle:
     """Execute ``plan`` on a diffusers pipeline (its ``.transformer``) or a transformer.
 
     Checks the plan against the model first (layers, heads, head dim, model class and
-    config when ``strict``) and on the first step (tokens, CFG and batch order);
-    every mismatch raises ``PlanError`` naming the plan field. ``kernel`` picks the
-    window kernel (``auto``, ``chunked``, ``dense``).
+    config when ``strict``, CFG batch order by pipeline class, else transformer class)
+    and on the first step (tokens, CFG and batch order); every mismatch raises
+    ``PlanError`` naming the plan field. ``kernel`` picks the window kernel (``auto``,
+    ``chunked``, ``dense``).
+
+    ``plan`` must be a ``Plan`` (``TypeError`` otherwise: use ``load_plan`` first). A
+    transformer runs one plan at a time: while a handle is live, applying another raises
+    ``RuntimeError`` ("target: a plan is already applied to this transformer; remove its
+    handle first"). ``remove()`` puts back the original processor objects, hooks and the
+    scheduler's ``set_timesteps``; a refused ``apply`` leaves the model untouched.
+
+    ``compile=True`` (or a dict of ``torch.compile`` options) compiles the transformer's
+    repeated blocks with the plan inside them (``CompiledBlocks``); ``remove()`` puts back
+    the uncompiled blocks. Compiling the model yourself after ``apply`` works too.
     """
-    return FastAttnHandle(plan, target, kernel=kernel, strict=strict)
+    return FastAttnHandle(plan, target, kernel=kernel, strict=strict, compile=compile)

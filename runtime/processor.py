@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from runtime.kernels import full_attention
+from runtime.schedule import COMPUTES_FULL
 from schemas import PlanError
 
 if TYPE_CHECKING:
-    from runtime.runner import Runner
+    from runtime.runner import LayerStep, Runner
 
 
 class FastAttnProcessor:
@@ -20,75 +21,97 @@ class FastAttnProcessor:
     the layer's cached residual; ``ast`` the layer's most recent computed output,
     skipping q/k/v; ``asc`` full attention on the conditional rows, copied to the
     unconditional ones; ``wars_asc`` window plus residual on the conditional rows,
-    copied. What to run and which caches to touch comes from the shared ``Runner``.
+    copied. What to run and which caches to touch is a ``LayerStep`` made by the
+    shared ``Runner`` (``Runner.layer_step``); ``execute`` runs it.
 
-    Under ``torch.compile`` the processor runs eagerly (a graph break), so choosing a
-    method per step never triggers a recompile of the surrounding transformer.
+    Under ``torch.compile`` the processor is traced with its block: it reads only
+    ``bound``, the ``LayerStep`` the transformer's (eager) pre-forward hook made for
+    this step, whose method, cache policy and window are guards of the compiled graph,
+    and whose ``LayerCache`` holds this layer's tensors. It never reads ``layer``
+    there, so every layer with the same method and window runs the same graph. Run
+    eagerly, it makes its ``LayerStep`` at call time, which is what the planner's trials
+    and per-chunk states need.
     """
 
     def __init__(self, runner: Runner, layer: int) -> None:
         self.runner = runner
         self.layer = layer
+        self.bound: LayerStep | None = None
 
-    @torch.compiler.disable
     def __call__(
         self,
         attn: Any,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
+        temb: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        runner, layer = self.runner, self.layer
         if encoder_hidden_states is not None or hidden_states.ndim != 3:
             raise RuntimeError(
-                f"layer {layer}: FastAttnProcessor handles self-attention on [batch, tokens, "
+                f"layer {self.layer}: FastAttnProcessor handles self-attention on [batch, tokens, "
                 "channels] inputs only"
             )
-        step = runner.state.step
-        method = runner.method(layer)
-        num_tokens = hidden_states.shape[1]
-        runner.check_tokens(layer, num_tokens)
-        if attention_mask is not None and method != "full":
-            raise PlanError(
-                f"$.methods[{step}][{layer}]: {method!r} cannot run with a self-attention mask"
-            )
-        state, writes = runner.state, not runner.trial
-        refresh = runner.schedule.refreshes_residual(step, layer)
-        rows_all, window = hidden_states.shape[0], runner.window_of(layer)
+        todo = self.bound
+        if not torch.compiler.is_compiling() or todo is None:
+            todo = self.runner.layer_step(self.layer)
+        return execute(self.runner, todo, attn, hidden_states, attention_mask)
 
-        if method == "ast":
-            out = state.outputs.get(layer)
-            if out is None:
-                raise PlanError(f"$.methods[{step}][{layer}]: 'ast' has no earlier output to reuse")
-            if writes:
-                state.count("ast", rows_all, num_tokens, window, False)
-            return out
 
-        shared = method in ("asc", "wars_asc")
-        rows = runner.cond_rows(hidden_states.shape[0]) if shared else slice(None)
-        q, k, v = _project(attn, hidden_states[rows])
-        if method in ("full", "asc"):
-            o = full_attention(q, k, v, _prepare_mask(attn, attention_mask, q))
-            if refresh and writes:
-                residual = o - runner.window_attention(q, k, v, layer)
-                runner.store_residual(layer, residual, cond_only=shared)
-        else:
-            residual = runner.residual_for(layer, rows, o_rows=q.shape[0])
-            o = runner.window_attention(q, k, v, layer) + residual
-        out = _output(attn, o, q.dtype)
-        if shared:
-            out = runner.copy_to_both_halves(out)
-        if writes:
-            if method == "full" and runner.recorder is not None and attention_mask is None:
-                runner.recorder.record(runner, layer, q, k, v, o, out, lambda x: _output(attn, x, q.dtype))
-            refreshed = refresh and method in ("full", "asc")
-            state.count(method, rows_all, num_tokens, window, refreshed)
-            if runner.schedule.keeps_output(step, layer):
-                state.outputs[layer] = out
-                state.note_cache()
+def execute(
+    runner: Runner,
+    todo: LayerStep,
+    attn: Any,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run one layer-step: the single implementation of the five methods and their caches."""
+    method, cache = todo.method, todo.cache
+    rows_all, num_tokens = hidden_states.shape[0], hidden_states.shape[1]
+    if todo.num_tokens is not None and num_tokens != todo.num_tokens:
+        runner.check_tokens(todo.layer, num_tokens)
+    if attention_mask is not None and method != "full":
+        raise PlanError(
+            f"$.methods[{todo.step}][{todo.layer}]: {method!r} cannot run with a self-attention mask"
+        )
+    if todo.writes:
+        cache.rows, cache.tokens = rows_all, num_tokens
+
+    if method == "ast":
+        out = cache.output
+        if out is None:
+            raise PlanError(f"$.methods[{todo.step}][{todo.layer}]: 'ast' has no earlier output to reuse")
         return out
+
+    shared = method in ("asc", "wars_asc")
+    rows = runner.cond_rows(rows_all) if shared else slice(None)
+    q, k, v = _project(attn, hidden_states[rows])
+    if method in COMPUTES_FULL:
+        o = full_attention(q, k, v, _prepare_mask(attn, attention_mask, q))
+        if todo.refresh and todo.writes:
+            cache.residual = o - todo.window(q, k, v)
+            cache.residual_cond_only = shared
+    else:
+        residual = runner.residual_for(todo, rows, o_rows=q.shape[0])
+        o = todo.window(q, k, v) + residual
+    out = _output(attn, o, q.dtype)
+    if shared:
+        out = runner.copy_to_both_halves(out)
+    if todo.writes:
+        if todo.recorder is not None and method == "full" and attention_mask is None:
+            _record(runner, todo, attn, q, k, v, o, out)
+        if todo.keep:
+            cache.output = out
+    return out
+
+
+@torch.compiler.disable
+def _record(
+    runner: Runner, todo: LayerStep, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    o: torch.Tensor, out: torch.Tensor,
+) -> None:
+    """Hand a full layer-step to the recorder (always eager: recording is a calibration tool)."""
+    todo.recorder.record(runner, todo.layer, q, k, v, o, out, lambda x: _output(attn, x, q.dtype))
 
 
 def _project(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

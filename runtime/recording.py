@@ -39,7 +39,8 @@ class Recorder:
 
     Keeps per layer the projected outputs ``O`` and per-head residuals ``R`` of the last
     ``lags`` recorded steps (a generation must be recorded from step 0, in order). Sums
-    add up over several recorders (one per calibration chunk) with ``merge``.
+    add up over several recorders (one per calibration chunk) with ``merge``, and over the
+    ranks of a data-parallel run with ``reduce``.
     """
 
     def __init__(self, lags: int) -> None:
@@ -101,6 +102,14 @@ class Recorder:
             self.reference[key] = self.reference.get(key, 0.0) + value
         for key, value in other.squared.items():
             self.squared[key] = self.squared.get(key, 0.0) + value
+
+    def reduce(self, sum_all: Callable[[list[float]], list[float]]) -> None:
+        """Replace the sums by ``sum_all`` of them, in key order: e.g. their sums over the ranks
+        of a data-parallel run, which all recorded the same (step, layer, lag) keys."""
+        keys = sorted(self.reference), sorted(self.squared)
+        values = iter(sum_all([self.reference[k] for k in keys[0]] + [self.squared[k] for k in keys[1]]))
+        self.reference = {k: next(values) for k in keys[0]}
+        self.squared = {k: next(values) for k in keys[1]}
 
     def distance(self, measure: str, step: int, layer: int, lag: int = 0) -> float | None:
         """``||X - O_t|| / ||O_t||`` over every recorded row; ``None`` if not measured.

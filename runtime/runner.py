@@ -4,15 +4,42 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runtime.kernels import resolve_window_kernel
+from runtime.windows import BoundKernel, bind_window
 from runtime.recording import Recorder
-from runtime.schedule import Schedule
-from runtime.state import GenerationState, Residual
-from schemas import Layer, PlanError
+from runtime.schedule import COMPUTES_FULL, Schedule
+from runtime.state import GenerationState, LayerCache
+from schemas import Layer, PlanError, WindowShape
+
+if TYPE_CHECKING:
+    from runtime.processor import FastAttnProcessor
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """What one layer does at one step, resolved eagerly by ``Runner.layer_step``.
+
+    Compiled code reads ``method``, ``refresh``, ``keep``, ``writes``, ``num_tokens``
+    and whether ``recorder`` is set as guards, ``cache``'s tensors as graph inputs, and
+    calls ``window``, the layer's kernel (``Runner.window_kernel``: one object for all
+    layers with the same window): none of them names the layer, so layers that do the
+    same thing share a graph. ``step`` and ``layer`` only go into error messages.
+    """
+
+    method: str
+    refresh: bool  # a full/asc step that stores R = full - window
+    keep: bool  # a computed step whose output a later ast reads
+    writes: bool  # False during trials: read the caches, write none
+    cache: LayerCache
+    window: BoundKernel
+    num_tokens: int | None  # what the plan expects, checked at every call
+    recorder: Recorder | None
+    step: int
+    layer: int
 
 
 class Runner:
@@ -27,7 +54,7 @@ class Runner:
         self,
         schedule: Schedule,
         *,
-        window: int,
+        window: WindowShape,
         cfg: bool,
         cfg_order: str | None,
         num_tokens: int | None = None,
@@ -46,14 +73,31 @@ class Runner:
         self.trial = False
         self.overrides: dict[int, str] = {}
         self.recorder: Recorder | None = None  # recording mode (runtime/recording.py)
-        self._window_kernel = resolve_window_kernel(kernel)
+        self.processors: list[FastAttnProcessor] = []  # installed, in layer order
         self._kernel_name = kernel
+        self._window_kernels = self._bind_windows(kernel)  # per layer, resolved once
 
     # -- what to run -------------------------------------------------------
     def method(self, layer: int) -> str:
         if layer in self.overrides:
             return self.overrides[layer]
         return self.schedule.method(self.state.step, layer)
+
+    def layer_step(self, layer: int) -> LayerStep:
+        """What ``layer`` does at the current step (with this trial's overrides)."""
+        step, schedule = self.state.step, self.schedule
+        return LayerStep(
+            method=self.method(layer),
+            refresh=schedule.refreshes_residual(step, layer),
+            keep=schedule.keeps_output(step, layer),
+            writes=not self.trial,
+            cache=self.state.cache(layer),
+            window=self.window_kernel(layer),
+            num_tokens=self.layers[layer].num_tokens if self.layers else self.num_tokens,
+            recorder=None if self.trial else self.recorder,
+            step=step,
+            layer=layer,
+        )
 
     @contextmanager
     def trying(self, overrides: dict[int, str]) -> Iterator[None]:
@@ -64,14 +108,33 @@ class Runner:
         finally:
             self.trial, self.overrides = False, {}
 
-    def window_of(self, layer: int) -> int:
-        """Band half-width of ``layer``, in its own tokens."""
+    def window_of(self, layer: int) -> WindowShape:
+        """The window of ``layer``: a band half-width in its own tokens, or a tiled shape."""
         return self.layers[layer].window if self.layers else self.window
+
+    def _bind_windows(self, kernel: str) -> list[BoundKernel]:
+        """Each layer's window kernel (``runtime/windows.py``), shared by layers with equal
+        windows; a tiled window that does not fit its layer is a ``PlanError`` here."""
+        count = len(self.layers) if self.layers else len(self.schedule.methods[0])
+        bound: dict[tuple[WindowShape, int | None], BoundKernel] = {}
+        kernels = []
+        for layer in range(count):
+            window = self.window_of(layer)
+            tokens = self.layers[layer].num_tokens if self.layers else self.num_tokens
+            if (window, tokens) not in bound:
+                field = f"$.layers[{layer}].window" if self.layers else "$.window"
+                bound[window, tokens] = bind_window(window, tokens, kernel, field)
+            kernels.append(bound[window, tokens])
+        return kernels
+
+    def window_kernel(self, layer: int) -> BoundKernel:
+        """``layer``'s window kernel, bound at construction: ``kernel(q, k, v)``."""
+        return self._window_kernels[layer]
 
     def window_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
     ) -> torch.Tensor:
-        return self._window_kernel(q, k, v, self.window_of(layer))
+        return self._window_kernels[layer](q, k, v)
 
     # -- CFG halves --------------------------------------------------------
     def cond_rows(self, batch: int) -> slice:
@@ -89,27 +152,23 @@ class Runner:
         return torch.cat([cond, cond], dim=0)
 
     # -- caches ------------------------------------------------------------
-    def store_residual(self, layer: int, residual: torch.Tensor, *, cond_only: bool) -> None:
-        self.state.residuals[layer] = Residual(residual, cond_only)
-        self.state.note_cache()
-
-    def residual_for(self, layer: int, rows: slice, o_rows: int) -> torch.Tensor:
+    def residual_for(self, todo: LayerStep, rows: slice, o_rows: int) -> torch.Tensor:
         """The residual for the computed rows: all rows (``wars``) or the conditional ones."""
-        cached = self.state.residuals.get(layer)
-        if cached is None:
+        cache = todo.cache
+        r = cache.residual
+        if r is None:
             raise PlanError(
-                f"$.methods[{self.state.step}][{layer}]: 'wars' has no residual from an "
+                f"$.methods[{todo.step}][{todo.layer}]: 'wars' has no residual from an "
                 "earlier full step"
             )
-        r = cached.tensor
         sharing = rows != slice(None)
         if sharing:
-            return r if cached.cond_only else r[self.cond_rows(r.shape[0])]
-        if cached.cond_only:
+            return r if cache.residual_cond_only else r[self.cond_rows(r.shape[0])]
+        if cache.residual_cond_only:
             r = self.copy_to_both_halves(r)
         if r.shape[0] != o_rows:
             raise PlanError(
-                f"layer {layer}: residual has {r.shape[0]} rows, the batch has {o_rows}; "
+                f"layer {todo.layer}: residual has {r.shape[0]} rows, the batch has {o_rows}; "
                 "the batch size changed within a generation"
             )
         return r
@@ -157,6 +216,7 @@ class Runner:
 
     # -- transformer hooks -------------------------------------------------
     def before_forward(self, hidden_states: torch.Tensor, class_labels: Any) -> None:
+        """Checks, then binds each processor's ``LayerStep`` for this step (eager code)."""
         state = self.state
         if state.in_forward:  # the previous forward raised: that generation is over
             state.reset()
@@ -168,20 +228,43 @@ class Runner:
         if not self.trial and not state.checked_inputs:
             self.check_inputs(hidden_states, class_labels)
             state.checked_inputs = True
+        if not self.trial:
+            state.step_started(len(self.schedule.methods[state.step]))
+        for processor in self.processors:
+            processor.bound = self.layer_step(processor.layer)
         state.in_forward = True
 
+    def unbind(self) -> None:
+        """Drop the processors' ``LayerStep`` (and so their hold on the caches) between steps."""
+        for processor in self.processors:
+            processor.bound = None
+
     def after_forward(self) -> None:
+        """Counts what ran, notes the peak cache bytes, frees caches no later step reads."""
         state = self.state
         state.in_forward = False
+        self.unbind()
         if self.trial:
             return
-        step = state.step
-        for layer in range(len(self.schedule.methods[step])):
-            free_residual, free_output = self.schedule.frees_after(step, layer)
+        step, schedule = state.step, self.schedule
+        row = schedule.methods[step]
+        stores = []
+        for layer, method in enumerate(row):
+            cache = state.cache(layer)
+            if not cache.rows:  # did not run at this step (the planner runs chunks itself)
+                continue
+            refreshed = method in COMPUTES_FULL and schedule.refreshes_residual(step, layer)
+            kept = method != "ast" and schedule.keeps_output(step, layer)
+            state.count(method, cache.rows, cache.tokens, self.window_of(layer), refreshed)
+            stores.append((layer, refreshed, kept))
+        state.note_stores(stores)
+        for layer in range(len(row)):
+            free_residual, free_output = schedule.frees_after(step, layer)
+            cache = state.cache(layer)
             if free_residual:
-                state.residuals.pop(layer, None)
+                cache.residual = None
             if free_output:
-                state.outputs.pop(layer, None)
+                cache.output = None
         if step == 0:
             state.stats.generations += 1
         state.stats.steps += 1

@@ -50,6 +50,25 @@ class Schedule:
             return False, False
         return (step, layer) in self._free_residual, (step, layer) in self._free_output
 
+    def variants(self) -> set[tuple[str, bool, bool, bool]]:
+        """The distinct layer-steps of the grid, ``(method, refresh, keep, cond_residual)``.
+
+        ``cond_residual``: a ``wars``/``wars_asc`` step reads a residual refreshed at an
+        ``asc`` step (conditional rows only). A compiled block runs one graph per variant
+        (and window and block kind), whatever the layer or step.
+        """
+        found = set()
+        for i in range(len(self.methods[0]) if self.methods else 0):
+            source = None  # method of the step whose residual is current
+            for t, row in enumerate(self.methods):
+                m = row[i]
+                cond = m in USES_RESIDUAL and source == "asc"
+                found.add((m, m in COMPUTES_FULL and self.refreshes_residual(t, i),
+                           m != "ast" and self.keeps_output(t, i), cond))
+                if m in COMPUTES_FULL:
+                    source = m
+        return found
+
     def _derive(self) -> None:
         steps = len(self.methods)
         layers = len(self.methods[0]) if steps else 0

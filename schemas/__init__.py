@@ -1,5 +1,13 @@
 """Plan format of ditfastattn: typed, versioned, validated JSON (imports msgspec only)."""
 
+from schemas.latency import (
+    LATENCY_VARIANTS,
+    Latency,
+    effective_seconds,
+    faster_than_full,
+    time_fraction,
+    variant_grid,
+)
 from schemas.plan import (
     METHODS,
     READABLE_VERSIONS,
@@ -15,6 +23,7 @@ from schemas.plan import (
     Sampling,
     Summary,
     Tokens,
+    WindowShape,
     check_plan,
     config_hash,
     decode_plan,
@@ -24,7 +33,9 @@ from schemas.plan import (
     method_cost,
     plan_layers,
     summarize,
+    window_name,
     window_pairs,
+    with_latency,
 )
 from schemas.profile import (
     PROFILE_SCHEMA_VERSION,
@@ -36,8 +47,16 @@ from schemas.profile import (
     encode_profile,
     profile_json_schema,
 )
+from schemas.windows import Tiles1d, Tiles2d, Tiles3d, keys_per_query, tile_span, tile_start
 
 __all__ = [
+    "LATENCY_VARIANTS",
+    "Latency",
+    "effective_seconds",
+    "faster_than_full",
+    "time_fraction",
+    "variant_grid",
+    "with_latency",
     "METHODS",
     "PROFILE_SCHEMA_VERSION",
     "READABLE_VERSIONS",
@@ -69,5 +88,13 @@ __all__ = [
     "profile_json_schema",
     "method_cost",
     "summarize",
+    "window_name",
     "window_pairs",
+    "Tiles1d",
+    "Tiles2d",
+    "Tiles3d",
+    "WindowShape",
+    "keys_per_query",
+    "tile_span",
+    "tile_start",
 ]

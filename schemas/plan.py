@@ -15,18 +15,59 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-SCHEMA_VERSION = 1
-READABLE_VERSIONS = (1,)
+from schemas.latency import Latency, check_latency, time_fraction
+from schemas.windows import TILED, Tiles1d, Tiles2d, Tiles3d, tiled_name, tiled_pairs, tiles_problem
+
+SCHEMA_VERSION = 2  # 2: tiled windows (schemas/windows.py)
+READABLE_VERSIONS = (1, 2)
 
 Method = Literal["full", "wars", "ast", "asc", "wars_asc"]
 METHODS: tuple[str, ...] = ("full", "wars", "ast", "asc", "wars_asc")
 CfgOrder = Literal["uncond_cond", "cond_uncond"]
 LayerKind = Literal["spatial", "temporal"]
 
+# Limits on declared sizes and settings: decoding refuses a value past them before
+# anything is built from it (a hostile file cannot make the checks allocate).
+MAX_STEPS = 1000  # schedulers are trained on 1000 timesteps
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_TOKENS = 2**22
+MAX_FRAMES = 4096
+MAX_SIDE = 2**17  # height and width, in pixels
+MAX_WINDOW = 2**22
+MAX_SEQUENCES = 2**22
+MAX_LAGS = 64
+MAX_PROMPTS = 2**20
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**32 - 1  # what the planner takes; torch and numpy both accept 0 .. 2**32 - 1
+
 PosInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 Hex64 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+NumSteps = Annotated[int, Meta(ge=1, le=MAX_STEPS)]
+NumLayers = Annotated[int, Meta(ge=1, le=MAX_LAYERS)]
+NumHeads = Annotated[int, Meta(ge=1, le=MAX_HEADS)]
+HeadDim = Annotated[int, Meta(ge=1, le=MAX_HEAD_DIM)]
+NumTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
+Frames = Annotated[int, Meta(ge=1, le=MAX_FRAMES)]
+Side = Annotated[int, Meta(ge=1, le=MAX_SIDE)]
+Window = Annotated[int, Meta(ge=0, le=MAX_WINDOW)]
+Sequences = Annotated[int, Meta(ge=1, le=MAX_SEQUENCES)]
+Lags = Annotated[int, Meta(ge=1, le=MAX_LAGS)]
+NumPrompts = Annotated[int, Meta(ge=1, le=MAX_PROMPTS)]
+Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
+GuidanceScale = Annotated[float, Meta(ge=0.0, le=MAX_GUIDANCE)]
+# The window of ``wars``: a band's half-width (an integer, the paper's window) or a tiled
+# shape (an object tagged by ``kind``, schema version 2).
+WindowShape = Window | Tiles1d | Tiles2d | Tiles3d
+# ``--window auto``'s measured residual error of each candidate window, by ``window_name``.
+MAX_WINDOW_CANDIDATES = 64
+WindowErrors = Annotated[
+    dict[Annotated[str, Meta(min_length=1, max_length=64)], Annotated[float, Meta(ge=0.0)]],
+    Meta(max_length=MAX_WINDOW_CANDIDATES),
+]
 
 
 class PlanError(ValueError):
@@ -39,18 +80,18 @@ class ModelInfo(Struct, forbid_unknown_fields=True, frozen=True):
     class_name: Annotated[str, Meta(min_length=1)]
     name: Annotated[str, Meta(min_length=1)]
     config_hash: Hex64
-    num_layers: PosInt
-    num_heads: PosInt
-    head_dim: PosInt
+    num_layers: NumLayers
+    num_heads: NumHeads
+    head_dim: HeadDim
 
 
 class Tokens(Struct, forbid_unknown_fields=True, frozen=True):
     """Image tokens N (per frame for video), the size that gave them, and the frame count."""
 
-    num_tokens: PosInt
-    height: PosInt | None = None
-    width: PosInt | None = None
-    frames: PosInt | None = None
+    num_tokens: NumTokens
+    height: Side | None = None
+    width: Side | None = None
+    frames: Frames | None = None
 
 
 class Layer(Struct, forbid_unknown_fields=True, frozen=True):
@@ -59,23 +100,24 @@ class Layer(Struct, forbid_unknown_fields=True, frozen=True):
     A ``spatial`` layer attends over the ``num_tokens`` image tokens of each frame
     (``sequences`` = frames per sample); a ``temporal`` layer attends over the frames
     of each token position (``num_tokens`` = frames, ``sequences`` = image tokens).
-    ``window`` is this layer's band half-width in its own tokens (frames for temporal).
+    ``window`` is this layer's window: a band half-width in its own tokens (frames for
+    temporal layers, which always keep a band), or a tiled shape of a spatial layer.
     """
 
     kind: LayerKind
-    num_tokens: PosInt
-    window: NonNegInt
-    sequences: PosInt = 1
+    num_tokens: NumTokens
+    window: WindowShape
+    sequences: Sequences = 1
 
 
 class Sampling(Struct, forbid_unknown_fields=True, frozen=True):
     """How the pipeline samples: scheduler, step count and classifier-free guidance."""
 
     scheduler: Annotated[str, Meta(min_length=1)]
-    num_steps: PosInt
+    num_steps: NumSteps
     cfg: bool
     cfg_order: CfgOrder | None = None
-    guidance_scale: float | None = None
+    guidance_scale: GuidanceScale | None = None
 
 
 class Calibration(Struct, forbid_unknown_fields=True, frozen=True):
@@ -84,9 +126,11 @@ class Calibration(Struct, forbid_unknown_fields=True, frozen=True):
     delta: Annotated[float, Meta(gt=0.0, le=1.0)]
     metric: Literal["rel_l1"]
     prompts_hash: Hex64
-    num_prompts: PosInt
-    seed: int
+    num_prompts: NumPrompts
+    seed: Seed
     search: Annotated[str, Meta(min_length=1)] = "greedy"
+    world_size: PosInt = 1  # data-parallel ranks that shared the calibration prompts
+    window_errors: WindowErrors | None = None  # --window auto: each candidate's error; the least won
 
 
 class Summary(Struct, forbid_unknown_fields=True, frozen=True):
@@ -94,14 +138,16 @@ class Summary(Struct, forbid_unknown_fields=True, frozen=True):
 
     attention_flops_fraction: Fraction
     method_counts: dict[Method, NonNegInt]
+    time_fraction: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None  # predicted, from $.latency
 
 
 class Plan(Struct, forbid_unknown_fields=True, frozen=True):
     """A DiTFastAttn plan: a method per (step, layer) plus everything needed to trust it.
 
     ``methods[t][i]`` is the method of self-attention layer ``i`` at denoising step
-    ``t``; ``window`` is the half-width ``w`` (in tokens) of every ``wars`` band:
-    query ``i`` sees keys ``i - w .. i + w``. ``losses[t][i]``, when present, is the
+    ``t``; ``window`` is the window of every ``wars`` step: an integer is the half-width
+    ``w`` (in tokens) of the band, query ``i`` sees keys ``i - w .. i + w``; an object is
+    a tiled shape (``schemas/windows.py``). ``losses[t][i]``, when present, is the
     calibration loss of the kept decision (``None`` where none was measured).
     ``layers`` describes each layer of a video DiT (kind, tokens, window); image
     plans leave it out, and every layer then attends over ``tokens.num_tokens`` with
@@ -113,12 +159,23 @@ class Plan(Struct, forbid_unknown_fields=True, frozen=True):
     model: ModelInfo
     tokens: Tokens
     sampling: Sampling
-    window: NonNegInt
+    window: WindowShape
     methods: list[list[Method]]
     summary: Summary
     calibration: Calibration | None = None
     losses: list[list[Annotated[float, Meta(ge=0.0)] | None]] | None = None
     layers: list[Layer] | None = None
+    latency: Latency | None = None
+
+
+def with_latency(plan: Plan, latency: Latency | None) -> Plan:
+    """``plan`` carrying ``latency`` and the time fraction it predicts for the grid."""
+    problem = check_latency(latency, plan.methods, plan.sampling.cfg) if latency is not None else None
+    if problem is not None:
+        raise PlanError(f"$.latency.{problem}")
+    fraction = time_fraction(plan.methods, latency) if latency is not None else None
+    summary = msgspec.structs.replace(plan.summary, time_fraction=fraction)
+    return msgspec.structs.replace(plan, latency=latency, summary=summary)
 
 
 def plan_layers(plan: Plan) -> list[Layer]:
@@ -136,13 +193,21 @@ class _Header(Struct):
 # derived figures
 
 
-def window_pairs(num_tokens: int, window: int) -> int:
-    """Number of (query, key) pairs inside the band |i - j| <= window over N tokens."""
+def window_pairs(num_tokens: int, window: WindowShape) -> int:
+    """Number of (query, key) pairs inside the window over N tokens: for a band of half-width
+    ``w``, those with ``|i - j| <= w``; for a tiled shape, N times the keys of each query."""
+    if isinstance(window, TILED):
+        return tiled_pairs(window, num_tokens)
     n, w = num_tokens, min(window, num_tokens - 1)
     return n * (2 * w + 1) - w * (w + 1)
 
 
-def method_cost(method: str, num_tokens: int, window: int) -> float:
+def window_name(window: WindowShape) -> str:
+    """``band:W``, ``tiles1d:T:K``, ``tiles2d:THxTW:K`` or ``tiles3d:TFxTHxTW:K`` (``--window``'s forms)."""
+    return tiled_name(window) if isinstance(window, TILED) else f"band:{window}"
+
+
+def method_cost(method: str, num_tokens: int, window: WindowShape) -> float:
     """Attention FLOPs of one layer-step under ``method``, as a fraction of full attention."""
     band = window_pairs(num_tokens, window) / (num_tokens * num_tokens)
     return {"full": 1.0, "asc": 0.5, "wars": band, "wars_asc": band / 2, "ast": 0.0}[method]
@@ -154,7 +219,7 @@ def layer_weight(layer: Layer) -> int:
 
 
 def summarize(
-    methods: list[list[str]], num_tokens: int, window: int, layers: list[Layer] | None = None
+    methods: list[list[str]], num_tokens: int, window: WindowShape, layers: list[Layer] | None = None
 ) -> Summary:
     """Attention FLOPs kept (weighted by each layer's full cost) and method counts for a grid."""
     counts = {m: 0 for m in METHODS}
@@ -200,7 +265,7 @@ def _with_value(message: str, raw: bytes) -> str:
         return message
     try:
         value = _value_at(msgspec.json.decode(raw), match.group(1))
-    except (msgspec.DecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
+    except (msgspec.DecodeError, RecursionError, KeyError, IndexError, TypeError):
         return message
     shown = msgspec.json.encode(value).decode()
     if len(shown) > 80:
@@ -211,11 +276,19 @@ def _with_value(message: str, raw: bytes) -> str:
 def decode_plan(raw: bytes | str) -> Plan:
     """Decode and check a plan; any input gives a ``Plan`` or raises ``PlanError``."""
     try:
-        if isinstance(raw, str):
-            raw = raw.encode()
+        raw = raw.encode() if isinstance(raw, str) else raw
+    except UnicodeEncodeError as exc:
+        raise PlanError(f"invalid plan: character {exc.start} cannot be written as UTF-8") from None
+    try:
+        str(raw, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"invalid plan: not UTF-8 at byte {exc.start}") from None
+    try:
         header = msgspec.json.decode(raw, type=_Header)
-    except (msgspec.DecodeError, UnicodeError) as exc:
+    except msgspec.DecodeError as exc:
         raise PlanError(f"not a plan: {exc}") from None
+    except RecursionError:
+        raise PlanError("invalid plan: nested too deeply") from None
     version = header.schema_version
     if version is None:
         raise PlanError("$.schema_version: missing; not a ditfastattn plan")
@@ -227,16 +300,25 @@ def decode_plan(raw: bytes | str) -> Plan:
         )
     try:
         plan = msgspec.json.decode(raw, type=Plan)
-    except UnicodeDecodeError as exc:
-        raise PlanError(f"invalid plan: not UTF-8 at byte {exc.start}") from None
+    except RecursionError:
+        raise PlanError("invalid plan: nested too deeply") from None
     except msgspec.DecodeError as exc:
         raise PlanError(f"invalid plan: {_with_value(str(exc), raw)}") from None
     check_plan(plan)
     return plan
 
 
+def check_constraints(value: Struct, error: type[PlanError] = PlanError, what: str = "plan") -> None:
+    """Apply the field limits that decoding applies and building a ``Struct`` skips."""
+    try:
+        msgspec.convert(msgspec.to_builtins(value), type(value))
+    except msgspec.ValidationError as exc:
+        raise error(f"invalid {what}: {exc}") from None
+
+
 def encode_plan(plan: Plan) -> bytes:
     """Encode a checked plan as readable JSON: one line per step for the grids."""
+    check_constraints(plan)
     check_plan(plan)
     fields = []
     for key, value in msgspec.to_builtins(plan).items():
@@ -266,6 +348,7 @@ def check_plan(plan: Plan) -> None:
         if m != "full":
             raise PlanError(f"$.methods[0][{i}]: step 0 must be 'full' (got {m!r})")
     _check_layers(plan)
+    _check_shapes(plan)
     uses = {m for row in plan.methods for m in row}
     if plan.layers is None and uses & {"wars", "wars_asc"}:
         _check_window("$.window", plan.window, plan.tokens.num_tokens)
@@ -288,6 +371,10 @@ def check_plan(plan: Plan) -> None:
     if plan.losses is not None:
         if len(plan.losses) != steps or any(len(r) != layers for r in plan.losses):
             raise PlanError("$.losses: must have the same steps x layers shape as $.methods")
+        for t, row in enumerate(plan.losses):
+            for i, loss in enumerate(row):
+                if loss is not None and not math.isfinite(loss):
+                    raise PlanError(f"$.losses[{t}][{i}]: must be finite (got {loss!r})")
     expected = summarize(plan.methods, plan.tokens.num_tokens, plan.window, plan.layers)
     for method in METHODS:
         got = plan.summary.method_counts.get(method, 0)
@@ -296,6 +383,7 @@ def check_plan(plan: Plan) -> None:
                 f"$.summary.method_counts.{method}: says {got}, the grid has "
                 f"{expected.method_counts[method]}"
             )
+    _check_time(plan)
     got_fraction = plan.summary.attention_flops_fraction
     if not math.isclose(got_fraction, expected.attention_flops_fraction, abs_tol=1e-9):
         raise PlanError(
@@ -304,11 +392,53 @@ def check_plan(plan: Plan) -> None:
         )
 
 
-def _check_window(field: str, window: int, num_tokens: int) -> None:
+def _check_time(plan: Plan) -> None:
+    got = plan.summary.time_fraction
+    if plan.latency is None:
+        if got is not None:
+            raise PlanError("$.summary.time_fraction: a predicted time needs $.latency")
+        return
+    problem = check_latency(plan.latency, plan.methods, plan.sampling.cfg)
+    if problem is not None:
+        raise PlanError(f"$.latency.{problem}")
+    expected = time_fraction(plan.methods, plan.latency)
+    if got is None or not math.isclose(got, expected, rel_tol=1e-9):
+        raise PlanError(f"$.summary.time_fraction: says {got}, the grid and $.latency give {expected:.12g}")
+
+
+def _check_window(field: str, window: WindowShape, num_tokens: int) -> None:
+    if isinstance(window, TILED):  # fits its layer: _check_shapes
+        return
     if window < 1:
         raise PlanError(f"{field}: 'wars' methods need a window >= 1 (got {window})")
     if window > num_tokens - 1:
         raise PlanError(f"{field}: {window} exceeds the layer's tokens - 1 = {num_tokens - 1}")
+
+
+def _check_shapes(plan: Plan) -> None:
+    """Tiled windows: schema version 2, spatial layers only, tiles that divide the layer's grid."""
+    tokens = plan.tokens
+    windows = [("$.window", plan.window, tokens.num_tokens, "spatial")]
+    windows += [(f"$.layers[{i}].window", x.window, x.num_tokens, x.kind) for i, x in enumerate(plan.layers or ())]
+    for field, window, num_tokens, kind in windows:
+        if not isinstance(window, TILED):
+            continue
+        if plan.schema_version < 2:
+            raise PlanError(f"{field}: tiled windows need schema_version 2 (got {plan.schema_version})")
+        if kind == "temporal":
+            raise PlanError(f"{field}: a temporal layer keeps a band over frames (got {window_name(window)})")
+        problem = tiles_problem(window, num_tokens, tokens.height, tokens.width)
+        if problem is not None:
+            raise PlanError(f"{field}.{problem}")
+    errors = plan.calibration.window_errors if plan.calibration is not None else None
+    if errors is not None:
+        for name, error in errors.items():
+            if not math.isfinite(error):
+                raise PlanError(f"$.calibration.window_errors.{name}: must be finite (got {error!r})")
+        if window_name(plan.window) not in errors:
+            raise PlanError(
+                f"$.calibration.window_errors: measures no {window_name(plan.window)}, the plan's window"
+            )
 
 
 def _check_layers(plan: Plan) -> None:

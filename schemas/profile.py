@@ -41,25 +41,31 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from schemas.latency import CFG_VARIANTS, LATENCY_VARIANTS, Latency
 from schemas.plan import (
     SCHEMA_VERSION,
     Calibration,
     Hex64,
+    Lags,
     Layer,
     Method,
     ModelInfo,
-    NonNegInt,
+    NumPrompts,
     Plan,
     PlanError,
     PosInt,
     Sampling,
+    Seed,
     Tokens,
+    WindowErrors,
+    WindowShape,
+    check_constraints,
     check_plan,
     summarize,
 )
 
-PROFILE_SCHEMA_VERSION = 1
-PROFILE_READABLE_VERSIONS = (1,)
+PROFILE_SCHEMA_VERSION = 2  # 2: tiled windows (schemas/windows.py)
+PROFILE_READABLE_VERSIONS = (1, 2)
 PROFILE_FORMAT = "ditfastattn-profile"
 
 Distance = Annotated[float, Meta(ge=0.0)] | None
@@ -79,8 +85,10 @@ class ProfileCalibration(Struct, forbid_unknown_fields=True, frozen=True):
 
     metric: Literal["rel_l1"]
     prompts_hash: Hex64
-    num_prompts: PosInt
-    seed: int
+    num_prompts: NumPrompts
+    seed: Seed
+    world_size: PosInt = 1  # data-parallel ranks that shared the calibration prompts
+    window_errors: WindowErrors | None = None  # --window auto: each candidate's error; the least won
 
 
 class Measurements(Struct, forbid_unknown_fields=True, frozen=True):
@@ -112,11 +120,12 @@ class Profile(Struct, forbid_unknown_fields=True, frozen=True):
     model: ModelInfo
     tokens: Tokens
     sampling: Sampling
-    window: NonNegInt
+    window: WindowShape
     calibration: ProfileCalibration
-    lags: PosInt
+    lags: Lags
     measurements: Measurements
     layers: list[Layer] | None = None
+    latency: Latency | None = None
 
 
 class _Header(Struct):
@@ -147,7 +156,7 @@ def header_plan(profile: Profile, methods: list[list[str]] | None = None) -> Pla
 def profile_calibration(profile: Profile, delta: float, search: str = "profile") -> Calibration:
     """The ``calibration`` entry of a plan compiled from ``profile`` at ``delta``."""
     c = profile.calibration
-    return Calibration(delta, c.metric, c.prompts_hash, c.num_prompts, c.seed, search)
+    return Calibration(delta, c.metric, c.prompts_hash, c.num_prompts, c.seed, search, c.world_size, c.window_errors)
 
 
 # ---------------------------------------------------------------------------
@@ -155,19 +164,11 @@ def profile_calibration(profile: Profile, delta: float, search: str = "profile")
 
 
 def check_profile(profile: Profile) -> None:
-    """Cross-field rules; raises ``ProfileError`` naming the offending field."""
-    try:
-        check_plan(header_plan(profile))
-    except ProfileError:
-        raise
-    except PlanError as exc:
-        raise ProfileError(str(exc)) from None
-    windows = [("$.window", profile.window, profile.tokens.num_tokens)]
-    if profile.layers is not None:
-        windows = [(f"$.layers[{i}].window", x.window, x.num_tokens) for i, x in enumerate(profile.layers)]
-    for field, window, tokens in windows:
-        if not 1 <= window <= tokens - 1:
-            raise ProfileError(f"{field}: the window must be in 1 … tokens - 1 = {tokens - 1} (got {window})")
+    """Cross-field rules; raises ``ProfileError`` naming the offending field.
+
+    The grids are matched against the declared sizes first, so no later check does
+    work sized by a declared number alone.
+    """
     steps, layers, lags = profile.sampling.num_steps, profile.model.num_layers, profile.lags
     cfg = profile.sampling.cfg
     m = profile.measurements
@@ -188,6 +189,36 @@ def check_profile(profile: Profile) -> None:
         if method in CFG_METHODS and not cfg:
             raise ProfileError(f"{field}: {method!r} shares across CFG halves but sampling.cfg is false")
         _check_grid(field, grid, steps, layers, None, probes=True)
+    if profile.latency is not None:
+        _check_latency(profile.latency, cfg)
+    try:
+        # as a plan of the profile's version, with its calibration (window_errors)
+        calibration = profile_calibration(profile, 1.0)
+        header = header_plan(profile)
+        check_plan(msgspec.structs.replace(header, schema_version=profile.schema_version, calibration=calibration))
+    except ProfileError:
+        raise
+    except PlanError as exc:
+        raise ProfileError(str(exc)) from None
+    windows = [("$.window", profile.window, profile.tokens.num_tokens)]
+    if profile.layers is not None:
+        windows = [(f"$.layers[{i}].window", x.window, x.num_tokens) for i, x in enumerate(profile.layers)]
+    for field, window, tokens in windows:
+        if isinstance(window, int) and not 1 <= window <= tokens - 1:  # tiled ones: check_plan
+            raise ProfileError(f"{field}: the window must be in 1 … tokens - 1 = {tokens - 1} (got {window})")
+
+
+def _check_latency(latency: Latency, cfg: bool) -> None:
+    needed = [v for v in LATENCY_VARIANTS if cfg or v not in CFG_VARIANTS]
+    for variant in needed:
+        if variant not in latency.seconds:
+            raise ProfileError(f"$.latency.seconds: no figure for {variant!r}")
+    extra = sorted(set(latency.seconds) - set(needed))
+    if extra:
+        raise ProfileError(f"$.latency.seconds.{extra[0]}: shares across CFG halves but sampling.cfg is false")
+    for variant, value in latency.seconds.items():
+        if not math.isfinite(value):
+            raise ProfileError(f"$.latency.seconds.{variant}: must be finite (got {value!r})")
 
 
 def _check_grid(
@@ -269,6 +300,7 @@ def decode_profile(raw: bytes) -> Profile:
 
 def encode_profile(profile: Profile) -> bytes:
     """Encode a checked profile as msgpack."""
+    check_constraints(profile, ProfileError, "profile")
     check_profile(profile)
     return msgspec.msgpack.encode(profile)
 

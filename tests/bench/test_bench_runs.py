@@ -38,9 +38,16 @@ def test_drawn_mix_hits_its_flops_target(target):
     assert summarize(grid, 4096, 512).attention_flops_fraction == pytest.approx(target, abs=0.01)
 
 
-def test_compiled_transformer_with_a_plan_matches_eager_with_few_recompiles():
-    text = run("bench.compile", "--tokens", "16", "--layers", "2", "--steps", "20")
-    found = re.search(r"recompiles: (\d+), max \|compiled - eager\| over 20 steps: ([0-9.e+-]+)", text)
-    assert found, text
-    assert int(found.group(1)) <= 2
-    assert float(found.group(2)) < 1e-4
+def test_compiled_plan_has_one_graph_per_layer_step_variant_and_no_recompile_in_generation_two():
+    text = run(
+        "bench.compile", "--tokens", "16", "--layers", "2", "--steps", "8", "--heads", "2", "--head-dim", "8",
+        "--threads", "1", "--reps", "3",
+    )
+    variants = re.search(r"; (\d+) distinct layer-steps", text)
+    found = re.search(r"graphs compiled: (\d+), recompiles: generation 1: (\d+), generation 2: (\d+)", text)
+    worst = re.search(r"max \|compiled - eager\| over 2 x 8 steps: ([0-9.e+-]+) \(output scale ([0-9.e+-]+)\)", text)
+    assert variants and found and worst, text
+    assert 1 < int(found.group(1)) <= int(variants.group(1)) < 2 * 8  # fewer graphs than layer-steps
+    assert int(found.group(3)) == 0
+    assert float(worst.group(1)) < 1e-4 * float(worst.group(2))
+    assert re.search(r"\| plan \| [0-9.]+ \| [0-9.]+ \|", text), text

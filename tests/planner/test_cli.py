@@ -69,7 +69,9 @@ def test_show_prints_the_grid_and_json_summary(built):
     assert facts["summary"] == {
         "attention_flops_fraction": plan.summary.attention_flops_fraction,
         "method_counts": plan.summary.method_counts,
+        "time_fraction": plan.summary.time_fraction,
     }
+    assert facts["latency"]["seconds"] == plan.latency.seconds
     assert facts["model"]["config_hash"] == plan.model.config_hash
     assert "methods" not in facts
 
@@ -81,7 +83,7 @@ def test_validate_accepts_the_plan_and_checks_the_model(built, folders):
     assert fits.exit_code == 0 and "valid" in fits.stdout
     other = invoke("validate", output, "--model", folders["dit"])
     assert other.exit_code == 1
-    assert "cfg_order" in only_error_line(other)
+    assert "$.model.class_name" in only_error_line(other)
 
 
 def test_validate_rejects_an_inconsistent_plan_naming_the_field(built, tmp_path):

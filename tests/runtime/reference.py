@@ -1,6 +1,7 @@
 """An independent float64 reference of DESIGN.md §1, used only by the tests.
 
-It computes every candidate from scratch with explicit softmax and a dense band mask,
+It computes every candidate from scratch with explicit softmax and a dense window mask
+(the band's, or a tiled shape's index function from ``runtime/windows.py``: DESIGN §6),
 and keeps its caches naively: the residual is refreshed at every ``full``/``asc``
 step and the ``ast`` output at every computed step.
 """
@@ -12,21 +13,26 @@ from typing import Any
 
 import torch
 
+from runtime.windows import mask as window_mask
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Any) -> torch.Tensor:
+    """Explicit softmax attention; ``window`` ``None`` (all keys), a band half-width or a tiled shape."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if window is not None:
-        n = q.shape[-2]
+    n = q.shape[-2]
+    if isinstance(window, int):
         i = torch.arange(n).view(-1, 1)
         j = torch.arange(n).view(1, -1)
         scores = scores.masked_fill((i - j).abs() > window, float("-inf"))
+    elif window is not None:
+        scores = scores.masked_fill(~window_mask(window, n), float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
 class ReferenceRun:
     """Plays a method grid on a model through plain attention processors."""
 
-    def __init__(self, methods: list[list[str]], window: int | list[int], cond_first: bool) -> None:
+    def __init__(self, methods: list[list[str]], window: Any, cond_first: bool) -> None:
         layers = len(methods[0])
         self.windows = window if isinstance(window, list) else [window] * layers
         self.methods, self.cond_first = methods, cond_first

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -89,11 +90,58 @@ def test_batch_order_mismatch_on_pipeline(dit_pipe):
         runtime.apply(plan, dit_pipe)
 
 
-def test_batch_order_mismatch_on_bare_dit_transformer():
+@pytest.mark.parametrize(
+    "kind, wrong, name",
+    [("dit", "uncond_cond", "DiTTransformer2DModel"), ("pixart", "cond_uncond", "PixArtTransformer2DModel")],
+)
+def test_batch_order_mismatch_on_bare_transformer(kind, wrong, name):
+    model = float64_model(kind)
+    with pytest.raises(PlanError, match=rf"\$\.sampling\.cfg_order: plan says '{wrong}', {name} batches"):
+        runtime.apply(plan_for(model, SHARED, cfg_order=wrong), model)
+
+
+def test_batch_order_of_an_unknown_pipeline_comes_from_its_transformer():
     model = float64_model("dit")
+    pipe = SimpleNamespace(transformer=model)
+    with pytest.raises(PlanError, match=r"\$\.sampling\.cfg_order: .* DiTTransformer2DModel"):
+        runtime.apply(plan_for(model, SHARED, cfg_order="uncond_cond"), pipe)
+    runtime.apply(plan_for(model, SHARED, cfg_order="cond_uncond"), pipe).remove()
+
+
+def test_a_known_pipeline_order_wins_over_the_transformer_class():
+    model = float64_model("dit")
+    pipe = type("PixArtSigmaPipeline", (SimpleNamespace,), {})(transformer=model)
+    runtime.apply(plan_for(model, SHARED, cfg_order="uncond_cond"), pipe).remove()
+    with pytest.raises(PlanError, match=r"\$\.sampling\.cfg_order: .* PixArtSigmaPipeline"):
+        runtime.apply(plan_for(model, SHARED, cfg_order="cond_uncond"), pipe)
+
+
+def test_batch_order_mismatch_at_run_time_on_an_unlisted_dit_class():
+    model = copy.deepcopy(float64_model("dit"))
+    model.__class__ = type("MyDiT", (type(model),), {})  # not in TRANSFORMER_CFG_ORDER
     plan = plan_for(model, SHARED, cfg_order="uncond_cond")
-    with runtime.apply(plan, model), pytest.raises(PlanError, match=r"\$\.sampling\.cfg_order"):
+    with runtime.apply(plan, model), pytest.raises(PlanError, match=r"cfg_order: .* class labels"):
         run_steps(model, "dit", 1, order="cond_uncond")
+
+
+@pytest.mark.parametrize("plan, got", [("plan.json", "str"), (b"{}", "bytes"), (None, "NoneType")])
+def test_apply_needs_a_plan_object(plan, got):
+    model = float64_model("pixart")
+    message = rf"^plan: expected a Plan \(use runtime\.load_plan\(path\) first\), got {got}$"
+    with pytest.raises(TypeError, match=message):
+        runtime.apply(plan, model)
+
+
+@pytest.mark.parametrize("source, got", [(None, "NoneType"), (3, "int"), ({}, "dict")])
+def test_load_plan_refuses_other_types(source, got):
+    with pytest.raises(TypeError, match=rf"^source: expected a path, bytes or Plan, got {got}$"):
+        runtime.load_plan(source)
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100000, b'{"a":' * 50000], ids=["arrays", "objects"])
+def test_deeply_nested_json_is_a_plan_error(raw):
+    with pytest.raises(PlanError):
+        runtime.load_plan(raw)
 
 
 def test_unknown_kernel_is_refused():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import time
+import tracemalloc
 from pathlib import Path
 
 import msgspec
@@ -101,11 +104,11 @@ def test_sharing_needs_cfg():
         decode_doc(doc)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", None])
 def test_unknown_schema_version_says_what_this_build_reads(version):
     doc = as_doc(make_plan())
     doc["schema_version"] = version
-    with pytest.raises(PlanError, match=r"\$\.schema_version: .*(reads version 1|missing)"):
+    with pytest.raises(PlanError, match=r"\$\.schema_version: .*(reads version 1, 2|missing)"):
         decode_doc(doc)
 
 
@@ -169,15 +172,198 @@ def test_mutated_valid_plans_give_plan_or_plan_error(data):
     _decodes_or_plan_error(raw)
 
 
-def test_deeply_nested_input_is_a_plan_error():
-    with pytest.raises(PlanError):
-        decode_plan(b"[" * 100_000 + b"]" * 100_000)
+def _valid_raw() -> bytes:
+    return encode_plan(make_plan())
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "not a plan"),
+        (b"[" * 100_000, "not a plan"),
+        (b'{"a":' * 50_000, "invalid plan: nested too deeply"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "invalid plan: nested too deeply"),
+        (b'{"schema_version": 1, "tool_version": ' + b"[" * 100_000, "invalid plan: nested too deeply"),
+        (b'{"schema_version": 1, "calibration": ' + b'{"a":' * 50_000, "invalid plan: nested too deeply"),
+    ],
+)
+def test_deeply_nested_input_is_a_plan_error(raw, message):
+    with pytest.raises(PlanError, match=message):
+        decode_plan(raw)
+
+
+def test_deep_nesting_inside_a_valid_plan_is_a_plan_error():
+    raw = _valid_raw()
+    for old, deep in [(b'"test"', b"[" * 100_000 + b"]" * 100_000), (b'"delta": 0.9', b'"delta": ' + b'{"a":' * 50_000)]:
+        with pytest.raises(PlanError, match="invalid plan: nested too deeply"):
+            decode_plan(raw.replace(old, deep, 1))
 
 
 def test_invalid_utf8_inside_a_string_is_a_plan_error():
-    raw = encode_plan(make_plan()).replace(b'"tool_version": "test"', b'"tool_version": "te\x80st"')
-    with pytest.raises(PlanError, match="not UTF-8"):
+    raw = _valid_raw().replace(b'"tool_version": "test"', b'"tool_version": "te\x80st"')
+    at = raw.index(b"\x80")
+    with pytest.raises(PlanError) as info:
         decode_plan(raw)
+    assert str(info.value) == f"invalid plan: not UTF-8 at byte {at}"
+    with pytest.raises(PlanError, match="invalid plan: not UTF-8 at byte 3"):
+        decode_plan(b"   \xff{}")
+    with pytest.raises(PlanError, match="invalid plan: character 0 cannot be written as UTF-8"):
+        decode_plan("\ud800{}")
+
+
+# ---------------------------------------------------------------------------
+# limits and non-finite numbers
+
+
+LIMITS = [
+    (("sampling", "num_steps"), schemas.plan.MAX_STEPS),
+    (("model", "num_layers"), schemas.plan.MAX_LAYERS),
+    (("model", "num_heads"), schemas.plan.MAX_HEADS),
+    (("model", "head_dim"), schemas.plan.MAX_HEAD_DIM),
+    (("tokens", "num_tokens"), schemas.plan.MAX_TOKENS),
+    (("tokens", "height"), schemas.plan.MAX_SIDE),
+    (("tokens", "width"), schemas.plan.MAX_SIDE),
+    (("tokens", "frames"), schemas.plan.MAX_FRAMES),
+    (("window",), schemas.plan.MAX_WINDOW),
+    (("calibration", "num_prompts"), schemas.plan.MAX_PROMPTS),
+    (("calibration", "seed"), schemas.plan.MAX_SEED),
+    (("sampling", "guidance_scale"), schemas.plan.MAX_GUIDANCE),
+]
+
+
+def _set(doc: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        doc = doc[key]
+    doc[path[-1]] = value
+
+
+def _field(path: tuple) -> str:
+    return "`" + re.escape("$." + ".".join(map(str, path))) + "`"
+
+
+@pytest.mark.parametrize(("path", "limit"), LIMITS, ids=[".".join(p) for p, _ in LIMITS])
+def test_each_limit_is_refused_past_it_and_shown_in_the_schema(path, limit):
+    doc = as_doc(make_plan())
+    over = limit + 1 if isinstance(limit, int) else limit * 1.01
+    _set(doc, path, over)
+    with pytest.raises(PlanError, match=rf"<= {limit} - at {_field(path)}"):
+        decode_doc(doc)
+    defs = schemas.json_schema()["$defs"]
+    struct = {"sampling": "Sampling", "model": "ModelInfo", "tokens": "Tokens", "calibration": "Calibration"}
+    prop = defs[struct.get(path[0], "Plan")]["properties"][path[-1]]
+    assert limit in [alt.get("maximum") for alt in prop.get("anyOf", [prop])]
+
+
+@pytest.mark.parametrize("field", ["num_tokens", "window", "sequences"])
+def test_layer_limits(field):
+    doc = as_doc(video_plan())
+    doc["layers"][0][field] = 2**22 + 1
+    with pytest.raises(PlanError, match=rf"<= {2**22} - at `\$\.layers\[0\]\.{field}`"):
+        decode_doc(doc)
+
+
+@pytest.mark.parametrize("steps", [2**64 - 1, 10**7, 1001])
+def test_huge_declared_step_counts_are_refused_before_any_work(steps):
+    doc = as_doc(make_plan())
+    doc["sampling"]["num_steps"] = steps
+    raw = json.dumps(doc).encode()
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(PlanError, match=r"<= 1000 - at `\$\.sampling\.num_steps`"):
+            decode_plan(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 0.5
+    assert peak < 1_000_000
+
+
+def test_plans_at_the_limits_decode():
+    steps, top = schemas.plan.MAX_STEPS, schemas.plan.MAX_TOKENS
+    grid = [["full", "full"]] + [["wars", "ast"]] * (steps - 1)
+    plan = make_plan(grid, window=top - 1, tokens=top, losses=None)
+    plan = msgspec.structs.replace(
+        plan,
+        tokens=schemas.Tokens(top, schemas.plan.MAX_SIDE, schemas.plan.MAX_SIDE),
+        sampling=msgspec.structs.replace(plan.sampling, guidance_scale=schemas.plan.MAX_GUIDANCE),
+        calibration=schemas.Calibration(1.0, "rel_l1", "cd" * 32, schemas.plan.MAX_PROMPTS, schemas.plan.MAX_SEED),
+    )
+    assert decode_plan(encode_plan(plan)) == plan
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("sampling", "guidance_scale"), 1e300, r"<= 100.0 - at `\$\.sampling\.guidance_scale` \(got 1e300\)"),
+        (("sampling", "guidance_scale"), -1.0, r">= 0.0 - at `\$\.sampling\.guidance_scale`"),
+        (("calibration", "seed"), -1, r">= 0 - at `\$\.calibration\.seed`"),
+        (("calibration", "seed"), 2**64 - 1, r"<= 4294967295 - at `\$\.calibration\.seed`"),
+        (("calibration", "seed"), 2**64, r"\$\.calibration\.seed"),
+        (("calibration", "delta"), 0.0, r"\$\.calibration\.delta"),
+        (("losses", 1, 0), -0.5, r">= 0.0 - at `\$\.losses\[1\]\[0\]`"),
+    ],
+)
+def test_out_of_range_numbers_name_the_field(path, value, message):
+    doc = as_doc(make_plan())
+    _set(doc, path, value)
+    with pytest.raises(PlanError, match=message):
+        decode_doc(doc)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (b'"guidance_scale": 4.5', b'"guidance_scale": 1e999', r"at `\$\.sampling\.guidance_scale`"),
+        (b"[null,null],\n    [0.01", b"[null,null],\n    [1e999", r"at `\$\.losses\[1\]\[0\]`"),
+        (b'"guidance_scale": 4.5', b'"guidance_scale": NaN', None),
+        (b'"guidance_scale": 4.5', b'"guidance_scale": Infinity', None),
+        (b'"guidance_scale": 4.5', b'"guidance_scale": -Infinity', None),
+        (b"[0.01", b"[NaN", None),
+    ],
+)
+def test_non_finite_json_numbers_are_refused(old, new, message):
+    raw = _valid_raw()
+    assert old in raw
+    with pytest.raises(PlanError, match=message):
+        decode_plan(raw.replace(old, new, 1))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"losses": [[None, None], [float("inf"), 0.01], [0.01, 0.01]]}, r"\$\.losses\[1\]\[0\]: must be finite \(got inf\)"),
+        ({"losses": [[None, None], [0.01, float("nan")], [0.01, 0.01]]}, r"\$\.losses\[1\]\[1\]"),
+        ({"summary": schemas.Summary(float("nan"), summarize(GRID, 16, 3).method_counts)}, r"\$\.summary\.attention_flops_fraction"),
+        ({"summary": schemas.Summary(float("inf"), summarize(GRID, 16, 3).method_counts)}, r"\$\.summary\.attention_flops_fraction"),
+    ],
+)
+def test_non_finite_floats_in_a_built_plan_are_refused(changes, message):
+    plan = make_plan(**changes)
+    with pytest.raises(PlanError, match=message):
+        schemas.check_plan(plan)
+    with pytest.raises(PlanError, match=message):
+        encode_plan(plan)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        ({"guidance_scale": float("inf")}, "sampling.guidance_scale"),
+        ({"guidance_scale": float("nan")}, "sampling.guidance_scale"),
+        ({"guidance_scale": 1e300}, "sampling.guidance_scale"),
+    ],
+)
+def test_encode_refuses_what_decode_would_refuse(sampling, field):
+    plan = make_plan()
+    plan = msgspec.structs.replace(plan, sampling=msgspec.structs.replace(plan.sampling, **sampling))
+    with pytest.raises(PlanError, match=rf"invalid plan: .* - at `\$\.{re.escape(field)}`"):
+        encode_plan(plan)
+
+
+def test_encode_refuses_a_seed_out_of_range():
+    with pytest.raises(PlanError, match=r"invalid plan: .* - at `\$\.calibration\.seed`"):
+        encode_plan(make_plan(calibration=schemas.Calibration(0.9, "rel_l1", "cd" * 32, 6, -1)))
 
 
 def video_plan(**changes) -> schemas.Plan:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+import tracemalloc
 from pathlib import Path
 
 import msgspec
@@ -112,11 +114,11 @@ def test_cfg_measures_without_cfg_are_refused():
         decode_doc(doc)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", None])
 def test_unknown_schema_version_says_what_this_build_reads(version):
     doc = as_doc(make_profile())
     doc["schema_version"] = version
-    with pytest.raises(ProfileError, match=r"\$\.schema_version: unsupported profile schema version .* reads version 1"):
+    with pytest.raises(ProfileError, match=r"\$\.schema_version: unsupported profile schema version .* reads version 1, 2"):
         decode_doc(doc)
 
 
@@ -172,3 +174,97 @@ def test_flipped_bytes_give_profile_or_profile_error(data):
     except ProfileError:
         return
     assert isinstance(profile, schemas.Profile)
+
+
+# ---------------------------------------------------------------------------
+# bounded work on hostile files
+
+
+def _refused_fast(raw: bytes, message: str) -> None:
+    """``raw`` is refused with ``message`` in well under a second and a few MB at most."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ProfileError, match=message):
+            decode_profile(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 0.5
+    assert peak < 4_000_000
+
+
+@pytest.mark.parametrize("steps", [2**64 - 1, 10**7, 1001])
+def test_a_huge_declared_step_count_is_refused_before_any_work(steps):
+    doc = as_doc(make_profile())
+    doc["sampling"]["num_steps"] = steps
+    raw = msgspec.msgpack.encode(doc)
+    assert len(raw) < 5000
+    _refused_fast(raw, r"<= 1000 - at `\$\.sampling\.num_steps`")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("model", "num_layers"), 2**32, r"<= 1024 - at `\$\.model\.num_layers`"),
+        (("lags",), 2**64 - 1, r"<= 64 - at `\$\.lags`"),
+        (("tokens", "num_tokens"), 2**40, r"<= 4194304 - at `\$\.tokens\.num_tokens`"),
+        (("window",), 2**40, r"<= 4194304 - at `\$\.window`"),
+        (("calibration", "num_prompts"), 2**21, r"<= 1048576 - at `\$\.calibration\.num_prompts`"),
+        (("calibration", "seed"), 2**32, r"<= 4294967295 - at `\$\.calibration\.seed`"),
+        (("calibration", "seed"), -1, r">= 0 - at `\$\.calibration\.seed`"),
+        (("sampling", "guidance_scale"), 1e300, r"<= 100.0 - at `\$\.sampling\.guidance_scale`"),
+        (("sampling", "guidance_scale"), float("inf"), r"<= 100.0 - at `\$\.sampling\.guidance_scale`"),
+        (("sampling", "guidance_scale"), float("nan"), r"\$\.sampling\.guidance_scale"),
+    ],
+)
+def test_declared_sizes_and_settings_past_the_limits_are_refused(path, value, field):
+    doc = as_doc(make_profile())
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    _refused_fast(msgspec.msgpack.encode(doc), field)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_steps": 10**7}, r"\$\.measurements\.ast: has 3 steps, sampling\.num_steps is 10000000"),
+        ({"num_layers": 10**7}, r"\$\.measurements\.ast\[0\]: has 2 layers, model\.num_layers is 10000000"),
+    ],
+)
+def test_check_profile_matches_grids_to_declared_sizes_before_building_anything(changes, message):
+    profile = make_profile()
+    if "num_steps" in changes:
+        profile = msgspec.structs.replace(profile, sampling=msgspec.structs.replace(profile.sampling, **changes))
+    else:
+        profile = msgspec.structs.replace(profile, model=msgspec.structs.replace(profile.model, **changes))
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ProfileError, match=message):
+            schemas.profile.check_profile(profile)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 0.5
+    assert peak < 1_000_000
+
+
+def test_encode_refuses_what_decode_would_refuse():
+    profile = make_profile(lags=65)
+    with pytest.raises(ProfileError, match=r"invalid profile: Expected `int` <= 64 - at `\$\.lags`"):
+        encode_profile(profile)
+    sampling = msgspec.structs.replace(make_profile().sampling, guidance_scale=float("inf"))
+    with pytest.raises(ProfileError, match=r"at `\$\.sampling\.guidance_scale`"):
+        encode_profile(make_profile(sampling=sampling))
+
+
+def test_profile_limits_are_in_the_json_schema():
+    defs = schemas.profile_json_schema()["$defs"]
+    assert defs["Profile"]["properties"]["lags"]["maximum"] == schemas.plan.MAX_LAGS
+    assert defs["Sampling"]["properties"]["num_steps"]["maximum"] == schemas.plan.MAX_STEPS
+    assert defs["ProfileCalibration"]["properties"]["seed"] == {
+        "type": "integer", "minimum": 0, "maximum": schemas.plan.MAX_SEED
+    }
