@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-COMPUTES_FULL = ("full", "asc")
-USES_RESIDUAL = ("wars", "wars_asc")
+from schemas.latency import COMPUTES_FULL, USES_RESIDUAL, refreshed_cells
 
 
 class Schedule:
@@ -72,14 +71,9 @@ class Schedule:
     def _derive(self) -> None:
         steps = len(self.methods)
         layers = len(self.methods[0]) if steps else 0
+        self._refresh = refreshed_cells(self.methods)
         for i in range(layers):
             column = [self.methods[t][i] for t in range(steps)]
-            source = None  # step whose residual is current
-            for t, m in enumerate(column):
-                if m in COMPUTES_FULL:
-                    source = t
-                elif m in USES_RESIDUAL and source is not None:
-                    self._refresh.add((source, i))
             # a residual is freed after its last reader
             for t, m in enumerate(column):
                 if m not in USES_RESIDUAL:
