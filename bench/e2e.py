@@ -186,7 +186,7 @@ def measure_latency(model, tokens: int, window: int, side: int, device, dtype, a
     batch = torch.cat([latents, latents])
     kwargs = {**kwargs, "timestep": torch.full((2,), 500, device=device)}
     draft = make_plan(model, [["full"] * len(model.transformer_blocks)], tokens, window)
-    return measure_transformer(model, draft, (batch,), kwargs, kernel=args.kernel)
+    return measure_transformer(model, draft, (batch,), kwargs, kernel=args.kernel, repeats=3, warmup=1)
 
 
 def refresh_seconds(grid: list[list[str]], latency: Latency) -> float:

@@ -1,7 +1,8 @@
-"""Exact attention kernels: full attention and banded (window) attention.
+"""Exact attention kernels: full attention and the band's (window) kernels.
 
-The window is one function of (query, key) indices, ``window_mask``; every window
-kernel computes exactly ``softmax(q k^T / sqrt(d) + mask) v`` restricted to it.
+The band is one function of (query, key) indices, ``window_mask``; every band kernel
+computes exactly ``softmax(q k^T / sqrt(d) + mask) v`` restricted to it. The registry of
+window shapes, the tiled ones and their kernel included, is ``runtime/windows.py``.
 """
 
 from __future__ import annotations

@@ -66,26 +66,26 @@ def tiles_mask(
 # kernels
 
 
-def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One masked SDPA call over all tokens: simple, O(N^2) work; the tests' and ``dense``'s kernel."""
-    return full_attention(q, k, v, mask)
-
-
 @dataclass(frozen=True)
 class TileIndex:
     """Gather indices of a tiled window over ``num_tokens`` tokens.
 
     ``order``: the tokens in tile order (``None`` when that is the token order, ``tiles1d``);
     ``keys``: per query tile, the tokens of the tiles it sees (``tiles × seen × tile``), in
-    tile order; ``inverse``: where each token sits in tile order.
+    tile order (``None`` when every tile sees only itself: the keys are the queries' tiles);
+    ``inverse``: where each token sits in tile order.
     """
 
     tiles: int  # query tiles
     tile: int  # tokens per tile
     seen: int  # key tiles per query tile
     order: torch.Tensor | None
-    keys: torch.Tensor
+    keys: torch.Tensor | None
     inverse: torch.Tensor | None
+
+    @property
+    def device(self) -> torch.device:
+        return next((t.device for t in (self.order, self.keys) if t is not None), torch.device("cpu"))
 
     def to(self, device: torch.device) -> TileIndex:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -120,9 +120,10 @@ def tile_index(window: Tiles1d | Tiles2d | Tiles3d, num_tokens: int, device: tor
     keys = ids[tuple(key_tiles)]  # [*counts, *spans, tile tokens]
     tiles, seen_count = math.prod(counts), math.prod(spans)
     order = ids.reshape(-1)
+    key_ids = None if seen_count == 1 else keys.reshape(-1)  # one tile: its own tokens
     if isinstance(window, Tiles1d):
-        return TileIndex(tiles, math.prod(tile), seen_count, None, keys.reshape(-1), None)
-    return TileIndex(tiles, math.prod(tile), seen_count, order, keys.reshape(-1), torch.argsort(order))
+        return TileIndex(tiles, math.prod(tile), seen_count, None, key_ids, None)
+    return TileIndex(tiles, math.prod(tile), seen_count, order, key_ids, torch.argsort(order))
 
 
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
@@ -132,22 +133,40 @@ def _token_rows(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def tiled_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: TileIndex) -> torch.Tensor:
+Scratch = Callable[[str, tuple[int, ...], torch.Tensor], torch.Tensor]
+
+
+def _gather(rows: torch.Tensor, index: torch.Tensor | None, role: str, scratch: Scratch | None) -> torch.Tensor:
+    """``rows[:, index]`` (``rows`` itself for ``None``), into ``scratch``'s buffer when given."""
+    if index is None:
+        return rows
+    if scratch is None:
+        return rows.index_select(1, index)
+    out = scratch(role, (rows.shape[0], index.numel(), rows.shape[2]), rows)
+    return torch.index_select(rows, 1, index, out=out)
+
+
+def tiled_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: TileIndex, scratch: Scratch | None = None
+) -> torch.Tensor:
     """Exact tiled window attention: queries in tile order, each tile's keys and values
     gathered into one slab, one unmasked SDPA call with the tiles folded into the batch.
 
     Tokens are gathered as whole rows of ``heads * dim`` values, and every tensor SDPA
     sees is in the processor's ``[batch, tokens, heads, dim]`` layout, as full attention's.
+    ``scratch(role, shape, like)``, when given, provides the buffers of the gathered
+    queries, keys and values (never the output).
     """
     b, h, n, d = q.shape
     dv = v.shape[-1]
     t, tiles, keys = index.tile, index.tiles, index.tile * index.seen
-    q_rows = _token_rows(q)
-    if index.order is not None:
-        q_rows = q_rows.index_select(1, index.order)
-    q_tiles = q_rows.view(b * tiles, t, h, d).transpose(1, 2)
-    k_tiles = _token_rows(k).index_select(1, index.keys).view(b * tiles, keys, h, d).transpose(1, 2)
-    v_tiles = _token_rows(v).index_select(1, index.keys).view(b * tiles, keys, h, dv).transpose(1, 2)
+    q_tiles = _gather(_token_rows(q), index.order, "q", scratch)
+    key_index = index.order if index.keys is None else index.keys
+    k_tiles = _gather(_token_rows(k), key_index, "k", scratch)
+    v_tiles = _gather(_token_rows(v), key_index, "v", scratch)
+    q_tiles = q_tiles.view(b * tiles, t, h, d).transpose(1, 2)
+    k_tiles = k_tiles.view(b * tiles, keys, h, d).transpose(1, 2)
+    v_tiles = v_tiles.view(b * tiles, keys, h, dv).transpose(1, 2)
     out = full_attention(q_tiles, k_tiles, v_tiles).transpose(1, 2).reshape(b, n, h * dv)
     if index.inverse is not None:
         out = out.index_select(1, index.inverse)
@@ -155,20 +174,38 @@ def tiled_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in
 
 
 class TiledKernel:
-    """A tiled window bound to a layer: its gather indices, moved to the inputs' device once."""
+    """A tiled window bound to a layer: its gather indices, moved to the inputs' device once.
+
+    On the CPU (eager, without autograd) the gathered queries, keys and values go into
+    buffers kept between calls: a fresh allocation of that size costs more in page faults
+    than the gather itself (``bench/RESULTS.md``). The output is always a new tensor.
+    """
 
     def __init__(self, window: Tiles1d | Tiles2d | Tiles3d, num_tokens: int) -> None:
         self.window, self.num_tokens = window, num_tokens
         self.index = tile_index(window, num_tokens)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _scratch(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        need = math.prod(shape)
+        buffer = self._buffers.get(role)
+        if buffer is None or buffer.numel() < need or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._buffers[role] = torch.empty(need, dtype=like.dtype, device=like.device)
+        return buffer[:need].view(shape)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[-2] != self.num_tokens:
             raise PlanError(
                 f"window {window_name(self.window)}: fits {self.num_tokens} tokens, the layer runs {q.shape[-2]}"
             )
-        if self.index.keys.device != q.device:
+        if self.index.device != q.device:
             self.index = tile_index(self.window, self.num_tokens, q.device)
-        return tiled_window_attention(q, k, v, self.index)
+        reuse = (
+            q.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        )
+        return tiled_window_attention(q, k, v, self.index, self._scratch if reuse else None)
 
 
 class DenseKernel:
@@ -183,7 +220,7 @@ class DenseKernel:
         if self.mask is None or self.mask.shape[0] != n or self.mask.device != q.device:
             idx = torch.arange(n, device=q.device)
             self.mask = shape_of(self.window).mask(idx, idx, self.window, n)
-        return dense_masked_attention(q, k, v, self.mask)
+        return full_attention(q, k, v, self.mask)
 
 
 # ---------------------------------------------------------------------------

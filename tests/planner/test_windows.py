@@ -8,7 +8,6 @@ import pytest
 from rich.console import Console
 
 from planner.build import build_plan, settle_window
-from planner.errors import PlannerError
 from planner.profile import profile_model
 from planner.report import build_summary, render_plan
 from planner.windows import WindowOption, candidates, parse_window

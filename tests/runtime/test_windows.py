@@ -125,6 +125,18 @@ def test_tiles_seeing_every_tile_are_full_attention():
     torch.testing.assert_close(bind_window(shape, 48)(q, k, v), full_attention(q, k, v), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [Tiles2d((8, 8), (4, 2), 1), Tiles1d(16, 0), Tiles2d((8, 8), (4, 4), 0)])
+def test_reused_buffers_never_alias_an_output(shape):
+    kernel = bind_window(shape, 64)
+    first = [torch.randn(2, 64, 3, 8).transpose(1, 2) for _ in range(3)]
+    out = kernel(*first)
+    kept = out.clone()
+    again = kernel(*(torch.randn(1, 64, 3, 8).transpose(1, 2) for _ in range(3)))  # CFG-shared rows: smaller
+    assert torch.equal(out, kept) and again.shape == (1, 3, 64, 8)
+    torch.testing.assert_close(kernel(*first), kept, rtol=0, atol=0)
+    assert not any(out.data_ptr() == b.data_ptr() for b in kernel._buffers.values())
+
+
 def test_gather_index_is_cached_per_geometry():
     shape = Tiles2d((8, 8), (2, 4), 1)
     assert tile_index(shape, 64) is tile_index(Tiles2d((8, 8), (2, 4), 1), 64)
