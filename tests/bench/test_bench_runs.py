@@ -19,9 +19,12 @@ def run(*args: str) -> str:
 
 
 def test_attention_bench_prints_every_method():
-    text = run("bench.attention", "--tokens", "128", "--reps", "1")
-    for method in ("full", "wars", "wars_asc", "asc", "ast"):
-        assert re.search(rf"\| 128 \| 16 \| {method} \|", text), text
+    text = run("bench.attention", "--tokens", "128", "--reps", "1", "--windows", "band,tiles1d:32:1")
+    for window in ("band:16", "tiles1d:32:1"):
+        for method in ("wars", "wars_asc"):
+            assert re.search(rf"\| 128 \| {window} \| {method} \|", text), text
+    for method in ("full", "asc", "ast"):
+        assert re.search(rf"\| 128 \|  \| {method} \|", text), text
 
 
 def test_e2e_bench_prints_raw_and_three_plans():
