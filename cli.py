@@ -92,6 +92,24 @@ def reported(ctx: typer.Context) -> Iterator[None]:
         fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
 
+def step_progress(label: str, *, quiet: bool) -> Progress:
+    """A progress bar over (step, layer) cells with the step and an ETA; drawn on rank 0 only."""
+    from planner import distributed
+
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("step {task.fields[step]}/{task.fields[steps]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal or not distributed.is_writer(),
+        transient=True,
+    )
+
+
 # ---------------------------------------------------------------------------
 # build
 
@@ -215,18 +233,7 @@ def run_build(settings: BuildSettings, *, quiet: bool) -> None:
         if settings.search == "profile":
             run_profile_search(pipe, request, settings, quiet=quiet)
             return
-        with Progress(
-            TextColumn("searching"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("step {task.fields[step]}/{task.fields[steps]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=err,
-            disable=quiet or not err.is_terminal or not distributed.is_writer(),
-            transient=True,
-        ) as bar:
+        with step_progress("searching", quiet=quiet) as bar:
             cells = request.steps * draft.model.num_layers
             task = bar.add_task("search", total=cells, step=0, steps=request.steps)
 
@@ -326,22 +333,10 @@ def profile(
 
 def _profile_with_progress(pipe: Any, request: BuildRequest, settings: BuildSettings, *, quiet: bool) -> ProfileResult:
     """Profile ``pipe`` on the calibration batch, with a progress bar (on rank 0 only)."""
-    from planner import distributed
     from planner.profile import profile_model
     from runtime.apply import self_attention_layers
 
-    with Progress(
-        TextColumn("profiling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("step {task.fields[step]}/{task.fields[steps]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=quiet or not err.is_terminal or not distributed.is_writer(),
-        transient=True,
-    ) as bar:
+    with step_progress("profiling", quiet=quiet) as bar:
         layers = len(self_attention_layers(pipe.transformer))
         task = bar.add_task("profile", total=request.steps * layers, step=0, steps=request.steps)
 
