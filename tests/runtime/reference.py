@@ -67,6 +67,19 @@ class ReferenceRun:
         for attn, original in zip(self.layers, originals):
             attn.set_processor(original)
 
+    def outputs(self, model: torch.nn.Module, step_outputs: Any) -> list[Any]:
+        """Installed on ``model``: ``step_outputs(t)`` (a list) for every step, concatenated."""
+        originals = self.install(model)
+        try:
+            outs = []
+            for t in range(len(self.methods)):
+                self.step = t
+                with torch.no_grad():
+                    outs.extend(step_outputs(t))
+            return outs
+        finally:
+            self.uninstall(originals)
+
 
 class _Processor:
     def __init__(self, run: ReferenceRun, layer: int) -> None:

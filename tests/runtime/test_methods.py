@@ -24,15 +24,7 @@ TOKENS = 64
 
 def reference_outputs(model, kind, methods, window):
     ref = ReferenceRun(methods, window, cond_first=ORDERS[kind] == "cond_uncond")
-    originals = ref.install(model)
-    try:
-        outs = []
-        for t in range(len(methods)):
-            ref.step = t
-            outs.extend(run_steps_at(model, kind, t))
-        return outs
-    finally:
-        ref.uninstall(originals)
+    return ref.outputs(model, lambda t: run_steps_at(model, kind, t))
 
 
 def run_steps_at(model, kind, t):
@@ -75,15 +67,8 @@ def test_wars_asc_takes_the_conditional_rows_residual(kind):
     right = reference_outputs(model, kind, methods, window=4)
     torch.testing.assert_close(got[1], right[1], rtol=1e-9, atol=1e-10)
     # the original code's bug (first half whatever the order) is visibly different
-    ref = ReferenceRun(methods, 4, cond_first=ORDERS[kind] != "cond_uncond")
-    originals = ref.install(model)
-    try:
-        wrong = []
-        for t in range(2):
-            ref.step = t
-            wrong.extend(run_steps_at(model, kind, t))
-    finally:
-        ref.uninstall(originals)
+    ref = ReferenceRun(methods[:2], 4, cond_first=ORDERS[kind] != "cond_uncond")
+    wrong = ref.outputs(model, lambda t: run_steps_at(model, kind, t))
     assert (got[1] - wrong[1]).abs().max() > 1e-4
 
 

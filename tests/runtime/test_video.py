@@ -63,15 +63,7 @@ def grids(draw):
 def test_every_method_matches_float64_reference_on_both_layer_kinds(methods, ws, wt):
     m = model()
     ref = ReferenceRun(methods, [ws, wt] * 2, cond_first=False)  # LattePipeline: [uncond, cond]
-    originals = ref.install(m)
-    try:
-        expected = []
-        for t in range(len(methods)):
-            ref.step = t
-            with torch.no_grad():
-                expected.append(m(**inputs(t)).sample)
-    finally:
-        ref.uninstall(originals)
+    expected = ref.outputs(m, lambda t: [m(**inputs(t)).sample])
     with runtime.apply(video_plan(methods, ws, wt), m):
         got = run(m, len(methods))
     for t, (a, b) in enumerate(zip(got, expected)):

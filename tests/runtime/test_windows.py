@@ -184,15 +184,7 @@ def test_spatial_tiles_and_temporal_band_on_a_video_model():
     methods = [["full"] * 4, ["wars", "wars", "wars_asc", "wars_asc"], ["wars_asc", "full", "wars", "ast"]]
     m = model()
     ref = ReferenceRun(methods, [spatial, 1] * 2, cond_first=False)
-    originals = ref.install(m)
-    try:
-        expected = []
-        for t in range(len(methods)):
-            ref.step = t
-            with torch.no_grad():
-                expected.append(m(**inputs(t)).sample)
-    finally:
-        ref.uninstall(originals)
+    expected = ref.outputs(m, lambda t: [m(**inputs(t)).sample])
     plan = plan_for(m, methods, num_tokens=FRAME_TOKENS, window=spatial, layers=entries, frames=FRAMES)
     with runtime.apply(plan, m) as handle:
         got = run(m, len(methods))
