@@ -16,10 +16,10 @@ from planner import distributed
 from planner.calibration import inputs_hash
 from planner.errors import bad_input
 from planner.registry import Family, family_of
-from planner.latency import measure_latency
+from planner.latency import capture_call, measure_latency
 from planner.search import CANDIDATES, GreedySearch, Progress
 from planner.windows import WindowOption, best, candidates, measure_windows, parse_window, shape_for
-from runtime.apply import self_attention_layers
+from runtime.apply import layer_kinds, self_attention_layers
 from runtime.schedule import Schedule
 from schemas import (
     SCHEMA_VERSION,
@@ -37,6 +37,12 @@ from schemas import (
 )
 
 DEFAULT_WINDOW_FRAC = 1 / 8
+# Latent pixels per token side of transformers that pack latent patches themselves (their
+# config's ``patch_size`` is 1): FLUX packs 2x2.
+PACKED_PATCH = {"FluxTransformer2DModel": 2}
+# Latent side a pipeline generates at when the transformer's config has no ``sample_size``
+# (``FluxPipeline.default_sample_size``).
+DEFAULT_LATENT_SIDE = 128
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class BuildRequest:
     is the band of ``window_frac`` of the token count. ``calib_batch`` bounds how many
     prompts go through the transformer at once (losses still cover all of them).
     ``call_kwargs`` are the model's own extra pipeline arguments, over its family's.
+    ``family`` is the model's (how it guides); ``None`` takes the pipeline class's.
     """
 
     name: str
@@ -63,6 +70,7 @@ class BuildRequest:
     calib_batch: int | None = None
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     latency: bool = False
+    family: Family | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,11 @@ def pipeline_family(pipe: Any) -> Family:
     return family_of(type(pipe).__name__, "the pipeline")
 
 
+def request_family(pipe: Any, request: BuildRequest) -> Family:
+    """The family ``request`` calibrates under: its model's, else the pipeline class's."""
+    return request.family if request.family is not None else pipeline_family(pipe)
+
+
 def image_geometry(pipe: Any, height: int | None, width: int | None) -> tuple[int, int, int]:
     """(num_tokens, height, width) of one generation at the asked size."""
     return geometry(pipeline_family(pipe), pipe.transformer, vae_scale(pipe), height, width)
@@ -105,9 +118,8 @@ def geometry(
 
     ``vae_scale`` is the VAE's pixels per latent; ``None`` sizes take the native one.
     """
-    config = transformer.config
-    pixels = vae_scale * config.patch_size  # image pixels per token side
-    native = config.sample_size * vae_scale
+    pixels = token_pixels(transformer, vae_scale)
+    native = getattr(transformer.config, "sample_size", DEFAULT_LATENT_SIDE) * vae_scale
     multiple = pixels
     if family.inputs == "captions":
         multiple = math.lcm(pixels, 8)  # PixArt pipelines also need multiples of 8 pixels
@@ -122,9 +134,15 @@ def geometry(
     return (height // pixels) * (width // pixels), height, width
 
 
+def token_pixels(transformer: Any, vae_scale: int) -> int:
+    """Image pixels per token side: the VAE's scale times the transformer's patch."""
+    patch = PACKED_PATCH.get(type(transformer).__name__, transformer.config.patch_size)
+    return vae_scale * patch
+
+
 def patch_grid(pipe: Any, height: int, width: int) -> tuple[int, int]:
     """(rows, cols) of the patch grid of an image (a frame) of ``height`` x ``width`` pixels."""
-    pixels = vae_scale(pipe) * pipe.transformer.config.patch_size
+    pixels = token_pixels(pipe.transformer, vae_scale(pipe))
     return height // pixels, width // pixels
 
 
@@ -152,9 +170,16 @@ def video_frames(pipe: Any) -> int | None:
     return int(pipe.transformer.config.video_length)
 
 
-def layer_entries(pipe: Any, num_tokens: int, window: WindowShape, window_frac: float) -> list[Layer] | None:
-    """Per-layer kind, tokens and window of a video DiT: spatial over a frame's tokens,
-    temporal over the frames (window ``window_frac`` of them, at least 1)."""
+def layer_entries(
+    pipe: Any, num_tokens: int, window: WindowShape, window_frac: float, text_tokens: int = 0
+) -> list[Layer] | None:
+    """Per-layer kind, tokens and window of a video DiT (spatial over a frame's tokens,
+    temporal over the frames, window ``window_frac`` of them, at least 1) or of an MMDiT
+    (joint layers over the image and ``text_tokens`` text tokens, image-only ``attn2``
+    layers); ``None`` for image DiTs, whose layers are uniform."""
+    kinds = layer_kinds(pipe.transformer)
+    if "joint" in kinds:
+        return [Layer(kind, num_tokens, window, text_tokens=text_tokens if kind == "joint" else 0) for kind in kinds]
     frames = video_frames(pipe)
     if frames is None:
         return None
@@ -166,12 +191,21 @@ def layer_entries(pipe: Any, num_tokens: int, window: WindowShape, window_frac: 
     return pair * len(pipe.transformer.transformer_blocks)
 
 
+def joint_text_tokens(pipe: Any, request: BuildRequest) -> int:
+    """Text tokens in an MMDiT's joint attention (from its first transformer call of the
+    calibration run); 0 for models without joint attention."""
+    if "joint" not in layer_kinds(pipe.transformer):
+        return 0
+    _, kwargs = capture_call(pipe, generation_kwargs(pipe, request))
+    return int(kwargs["encoder_hidden_states"].shape[1])
+
+
 def generation_kwargs(pipe: Any, request: BuildRequest) -> dict[str, Any]:
     """The pipeline call that generates the calibration batch."""
-    family = pipeline_family(pipe)
+    family = request_family(pipe, request)
     common = {
         "num_inference_steps": request.steps,
-        "guidance_scale": request.guidance,
+        family.guidance_arg: request.guidance,
         "generator": torch.Generator("cpu").manual_seed(request.seed),
     }
     if family.inputs == "classes":
@@ -226,9 +260,11 @@ def draft_plan(pipe: Any, request: BuildRequest, window: WindowShape | None = No
     num_tokens, height, width = image_geometry(pipe, request.height, request.width)
     if window is None:
         window = resolve_window(request, num_tokens, patch_grid(pipe, height, width))
-    cfg = request.guidance > 1.0
+    family = request_family(pipe, request)
+    cfg = family.runs_cfg(request.guidance)
     grid = [["full"] * len(layers) for _ in range(request.steps)]
-    entries = layer_entries(pipe, num_tokens, window, request.window_frac)
+    text_tokens = joint_text_tokens(pipe, request)
+    entries = layer_entries(pipe, num_tokens, window, request.window_frac, text_tokens)
     return Plan(
         schema_version=SCHEMA_VERSION,
         tool_version=tool_version(),
@@ -240,13 +276,20 @@ def draft_plan(pipe: Any, request: BuildRequest, window: WindowShape | None = No
             num_heads=layers[0].heads,
             head_dim=layers[0].to_q.out_features // layers[0].heads,
         ),
-        tokens=Tokens(num_tokens=num_tokens, height=height, width=width, frames=video_frames(pipe)),
+        tokens=Tokens(
+            num_tokens=num_tokens,
+            height=height,
+            width=width,
+            frames=video_frames(pipe),
+            text_tokens=text_tokens or None,
+        ),
         sampling=Sampling(
             scheduler=type(pipe.scheduler).__name__,
             num_steps=request.steps,
             cfg=cfg,
-            cfg_order=pipeline_family(pipe).cfg_order if cfg else None,
+            cfg_order=family.cfg_order if cfg else None,
             guidance_scale=request.guidance,
+            cfg_mode=family.cfg if cfg else "none",
         ),
         window=window,
         methods=grid,

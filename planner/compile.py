@@ -104,7 +104,7 @@ class Predictor:
         # table[measure][t][i][lag]: predicted loss reading a cache ``lag`` steps old (asc: lag 0)
         self.table: dict[str, list[list[list[float | None]]]] = {}
         self.costs = [
-            {c: layer_weight(x) * method_cost(c, x.num_tokens, x.window) for c in METHODS}
+            {c: layer_weight(x) * method_cost(c, x.num_tokens, x.window, x.text_tokens) for c in METHODS}
             for x in plan_layers(header_plan(profile))
         ]
         grids = {**self.by_lag, "asc": m.asc}

@@ -1,8 +1,9 @@
 """The small real models shipped in ``models/``, loaded through the stock diffusers pipelines.
 
-Both generate 32×32 handwritten digits through a shared 16×16×4-latent VAE, so each
-transformer sees N = 256 image tokens (patch 1); the default window is w = N/8 = 32.
-Model cards with configurations, training commands and measured quality: ``models/README.md``.
+All generate 32×32 handwritten digits through a shared 16×16×4-latent VAE. DiT, PixArt and
+SD3 see N = 256 image tokens (patch 1; default window w = N/8 = 32); FLUX packs 2×2 latent
+patches into N = 64 tokens (w = 8). Model cards with configurations, training commands and
+measured quality: ``models/README.md``.
 """
 
 from __future__ import annotations
@@ -24,15 +25,21 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 class EmbeddedModel:
     """Facts about one shipped model: where it is, how to call it, what to calibrate and evaluate on.
 
-    Prompts are class ids for DiT and captions for PixArt; ``*_digits`` holds the digit each
-    prompt asks for (what :func:`planner.yardstick.accuracy` compares against). Calibration
-    prompts come from training phrasings; evaluation prompts are disjoint from them (held-out
-    classes for DiT, held-out phrasings for PixArt).
+    Prompts are class ids for DiT and captions for the others; ``*_digits`` holds the digit
+    each prompt asks for (what :func:`planner.yardstick.accuracy` compares against).
+    Calibration prompts come from training phrasings; evaluation prompts are disjoint from
+    them (held-out classes for DiT, held-out phrasings for the caption models).
+
+    ``layers`` counts self-attention layers (an MMDiT block's joint ``attn`` and, in MMDiT-X
+    blocks, its image-only ``attn2``). ``cfg_mode`` is how the pipeline runs CFG: ``batched``
+    (both halves in one call, rows in ``cfg_order``) or ``separate`` (FLUX's true CFG: a second
+    call on the negative prompt; ``cfg_order`` is ``None``). ``guidance_arg`` is the pipeline
+    argument that takes ``guidance``.
     """
 
     name: str
     folder: Path
-    pipeline: Literal["DiTPipeline", "PixArtSigmaPipeline", "LattePipeline"]
+    pipeline: Literal["DiTPipeline", "PixArtSigmaPipeline", "LattePipeline", "StableDiffusion3Pipeline", "FluxPipeline"]
     height: int
     width: int
     tokens: int
@@ -40,7 +47,7 @@ class EmbeddedModel:
     layers: int
     steps: int
     guidance: float
-    cfg_order: Literal["cond_uncond", "uncond_cond"]
+    cfg_order: Literal["cond_uncond", "uncond_cond"] | None
     calibration_prompts: tuple[int, ...] | tuple[str, ...]
     calibration_digits: tuple[int, ...]
     eval_prompts: tuple[int, ...] | tuple[str, ...]
@@ -48,12 +55,14 @@ class EmbeddedModel:
     accuracy: float
     call_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     motion: float | None = None  # video models: card motion consistency (planner.video_yardstick)
+    cfg_mode: Literal["batched", "separate"] = "batched"
+    guidance_arg: str = "guidance_scale"
 
 
 _DIT_CALIBRATION = (0, 2, 3, 5, 6, 8)
 _DIT_EVAL = (1, 4, 7, 9)
 
-_PIXART_CALIBRATION = (
+_CAPTION_CALIBRATION = (
     "a handwritten seven",
     "the digit 3",
     "number five, handwritten",
@@ -61,13 +70,17 @@ _PIXART_CALIBRATION = (
     "the number two",
     "an image of the digit eight",
 )
-_PIXART_CALIBRATION_DIGITS = (7, 3, 5, 0, 2, 8)
-_PIXART_EVAL = tuple(
+_CAPTION_CALIBRATION_DIGITS = (7, 3, 5, 0, 2, 8)
+_CAPTION_EVAL = tuple(
     text
     for d, w in enumerate(DIGIT_WORDS)
     for text in (f"the handwritten digit {w}", f"number {d}, handwritten")
 )
-_PIXART_EVAL_DIGITS = tuple(d for d in range(10) for _ in range(2))
+_CAPTION_EVAL_DIGITS = tuple(d for d in range(10) for _ in range(2))
+
+# The MMDiTs have no attention masks: captions are encoded at a fixed length (CLIP 8 tokens,
+# T5 ``max_sequence_length``), padding included.
+_MMDIT_CALL = {"max_sequence_length": 8}
 
 EMBEDDED_MODELS: Mapping[str, EmbeddedModel] = MappingProxyType(
     {
@@ -101,14 +114,54 @@ EMBEDDED_MODELS: Mapping[str, EmbeddedModel] = MappingProxyType(
             steps=20,
             guidance=4.5,
             cfg_order="uncond_cond",
-            calibration_prompts=_PIXART_CALIBRATION,
-            calibration_digits=_PIXART_CALIBRATION_DIGITS,
-            eval_prompts=_PIXART_EVAL,
-            eval_digits=_PIXART_EVAL_DIGITS,
+            calibration_prompts=_CAPTION_CALIBRATION,
+            calibration_digits=_CAPTION_CALIBRATION_DIGITS,
+            eval_prompts=_CAPTION_EVAL,
+            eval_digits=_CAPTION_EVAL_DIGITS,
             accuracy=0.37,
             call_kwargs=MappingProxyType(
                 {"use_resolution_binning": False, "clean_caption": False, "max_sequence_length": 16}
             ),
+        ),
+        "sd3-digits": EmbeddedModel(
+            name="sd3-digits",
+            folder=MODELS_DIR / "sd3-digits",
+            pipeline="StableDiffusion3Pipeline",
+            height=32,
+            width=32,
+            tokens=256,
+            window=32,
+            layers=5,
+            steps=20,
+            guidance=4.0,
+            cfg_order="uncond_cond",
+            calibration_prompts=_CAPTION_CALIBRATION,
+            calibration_digits=_CAPTION_CALIBRATION_DIGITS,
+            eval_prompts=_CAPTION_EVAL,
+            eval_digits=_CAPTION_EVAL_DIGITS,
+            accuracy=1.0,
+            call_kwargs=MappingProxyType(_MMDIT_CALL),
+        ),
+        "flux-digits": EmbeddedModel(
+            name="flux-digits",
+            folder=MODELS_DIR / "flux-digits",
+            pipeline="FluxPipeline",
+            height=32,
+            width=32,
+            tokens=64,
+            window=8,
+            layers=6,
+            steps=20,
+            guidance=4.0,
+            cfg_order=None,
+            calibration_prompts=_CAPTION_CALIBRATION,
+            calibration_digits=_CAPTION_CALIBRATION_DIGITS,
+            eval_prompts=_CAPTION_EVAL,
+            eval_digits=_CAPTION_EVAL_DIGITS,
+            accuracy=1.0,
+            call_kwargs=MappingProxyType(_MMDIT_CALL),
+            cfg_mode="separate",
+            guidance_arg="true_cfg_scale",
         ),
     }
 )
@@ -153,7 +206,7 @@ VIDEO_MODELS: Mapping[str, EmbeddedModel] = MappingProxyType(
             calibration_prompts=_LATTE_CALIBRATION,
             calibration_digits=_LATTE_CALIBRATION_DIGITS,
             eval_prompts=_LATTE_EVAL,
-            eval_digits=_PIXART_EVAL_DIGITS,
+            eval_digits=_CAPTION_EVAL_DIGITS,
             accuracy=0.116,
             call_kwargs=MappingProxyType({"clean_caption": False, "video_length": 8, "mask_feature": False}),
             motion=0.375,
@@ -192,11 +245,12 @@ def pipeline_kwargs(
     output_type: str = "np",
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``pipe(**kwargs)``: model defaults, one generator per image (seed + i)."""
+    """Keyword arguments for ``pipe(**kwargs)``: model defaults, one generator per image (seed + i),
+    and for caption models the empty negative prompt (FLUX runs true CFG only when given one)."""
     model = embedded_model(name)
     kwargs: dict[str, Any] = {
         "num_inference_steps": model.steps,
-        "guidance_scale": model.guidance,
+        model.guidance_arg: model.guidance,
         "generator": [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
         "output_type": output_type,
         **model.call_kwargs,
@@ -205,6 +259,7 @@ def pipeline_kwargs(
         kwargs["class_labels"] = [int(p) for p in prompts]
     else:
         kwargs["prompt"] = [str(p) for p in prompts]
+        kwargs["negative_prompt"] = ""
         kwargs["height"], kwargs["width"] = model.height, model.width
     kwargs.update(overrides)
     return kwargs

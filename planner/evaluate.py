@@ -167,7 +167,7 @@ def call_kwargs(spec: ModelSpec, plan: Plan, inputs: EvalInputs, rows: slice) ->
     guidance = sampling.guidance_scale if sampling.guidance_scale is not None else spec.guidance
     common: dict[str, Any] = {
         "num_inference_steps": sampling.num_steps,
-        "guidance_scale": guidance,
+        spec.family.guidance_arg: guidance,
         "generator": [torch.Generator("cpu").manual_seed(s) for s in inputs.seeds[rows]],
         "output_type": "np",
     }
@@ -199,7 +199,7 @@ def match_scheduler(pipe: Any, plan: Plan) -> None:
 
 def check_plan_fits(pipe: Any, spec: ModelSpec, plan: Plan) -> None:
     """Refuse, before generating anything, a plan that does not fit the pipeline."""
-    video_plan = plan.layers is not None or plan.tokens.frames is not None
+    video_plan = plan.tokens.frames is not None or any(x.kind == "temporal" for x in plan.layers or ())
     if video_plan != (getattr(pipe.transformer, "temporal_transformer_blocks", None) is not None):
         raise bad_input(f"plan: a {'video' if video_plan else 'image'} plan does not fit {type(pipe).__name__}")
     if plan.tokens.height is None or plan.tokens.width is None:

@@ -37,10 +37,10 @@ def check_model_fit(
             f"{spec.family.pipeline} batches {spec.family.cfg_order!r}"
         )
     guidance = sampling.guidance_scale if sampling.guidance_scale is not None else spec.guidance
-    if sampling.cfg != (guidance > 1.0):
+    if sampling.cfg != spec.family.runs_cfg(guidance):
         raise PlanError(
             f"$.sampling.cfg: plan says {str(sampling.cfg).lower()}, but guidance {guidance} "
-            f"{'turns CFG on' if guidance > 1.0 else 'runs without CFG'} in {spec.family.pipeline}"
+            f"{'turns CFG on' if sampling.cfg is False else 'runs without CFG'} in {spec.family.pipeline}"
         )
     scheduler = getattr(diffusers, sampling.scheduler, None)
     if scheduler is None or not hasattr(scheduler, "from_config"):

@@ -22,7 +22,7 @@ import runtime
 from planner import distributed
 from planner.loading import device_name
 from planner.search import Chunks
-from schemas import Latency, Plan, summarize
+from schemas import Latency, Plan, cfg_mode_of, summarize
 from schemas.latency import CFG_VARIANTS
 
 # Per variant: the methods of every layer at steps 0, 1, … and the step that is timed.
@@ -88,8 +88,26 @@ def measure_latency(pipe: Any, draft: Plan, call: dict[str, Any], **options: Any
     """
     args, kwargs = capture_call(pipe, call)
     rows = (args[0] if args else kwargs["hidden_states"]).shape[0]
-    [(args, kwargs)] = Chunks(rows, draft.sampling.cfg, 1).split(args, kwargs)[:1]
-    return measure_transformer(pipe.transformer, draft, args, kwargs, **options)
+    batched = cfg_mode_of(draft.sampling) == "batched"
+    [(args, kwargs)] = Chunks(rows, batched, 1).split(args, kwargs)[:1]
+    if cfg_mode_of(draft.sampling) != "separate":
+        return measure_transformer(pipe.transformer, draft, args, kwargs, **options)
+    single = msgspec.structs.replace(
+        draft, sampling=msgspec.structs.replace(draft.sampling, cfg=False, cfg_order=None, cfg_mode="none")
+    )
+    return separate_step(measure_transformer(pipe.transformer, single, args, kwargs, **options))
+
+
+def separate_step(call: Latency) -> Latency:
+    """Per-step figures with CFG in separate calls from one call's: a step is two calls, and
+    the unconditional call of a shared method returns the conditional call's output (what
+    ``ast`` costs); an ``asc`` refresh hands its residual over."""
+    s = call.seconds
+    seconds = {variant: 2 * s[variant] for variant in ("full", "full_refresh", "wars", "ast")}
+    seconds.update(
+        asc=s["full"] + s["ast"], asc_refresh=s["full_refresh"] + s["ast"], wars_asc=s["wars"] + s["ast"]
+    )
+    return msgspec.structs.replace(call, rows=2 * call.rows, seconds=seconds)
 
 
 def measure_transformer(
@@ -112,7 +130,7 @@ def measure_transformer(
     layers = draft.model.num_layers
     probes: dict[str, tuple[Plan, int]] = {}
     for variant, (steps, timed) in PROBES.items():
-        if variant in CFG_VARIANTS and not draft.sampling.cfg:
+        if variant in CFG_VARIANTS and cfg_mode_of(draft.sampling) != "batched":
             continue
         grid = [[method] * layers for method in steps]
         plan = msgspec.structs.replace(

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 import runtime
 from planner import distributed
@@ -27,7 +26,7 @@ from planner.build import BuildRequest, generation_kwargs, own_output, settle_wi
 from planner.errors import bad_input
 from planner.latency import measure_latency
 from planner.output import write_atomic
-from planner.search import CANDIDATES, CFG_SHARING, ChunkedForward, rel_l1_sums
+from planner.search import CANDIDATES, CFG_SHARING, ChunkedForward, flat, rel_l1_sums
 from runtime.recording import Recorder
 from runtime.runner import Runner
 from runtime.schedule import Schedule
@@ -107,28 +106,22 @@ class ProfileSession(ChunkedForward):
         total.reduce(distributed.sum_floats)
         return total
 
-    def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-        runner = self.runner
-        outer, step = runner.state, runner.state.step
-        parts = self._split(args, kwargs)
-        try:
-            trials = {}
-            if step > 0:
-                for layer in range(self.num_layers):
-                    for probe in self.probes:
-                        trials[layer, probe] = self._run(step, parts, {layer: probe})
-            outputs = self._run(step, parts, None, self.recorders)
-            if trials:  # one collective per step: the loss of every trial over the whole batch
-                sums = distributed.sum_pairs([rel_l1_sums(trial, outputs) for trial in trials.values()])
-                for (layer, probe), (total, count) in zip(trials, sums):
-                    self.losses[probe][step][layer] = total / count
-            if self.progress is not None:
-                for layer in range(self.num_layers):
-                    self.progress(step, layer)
-            sample = self._chunks.join(outputs)
-        finally:
-            runner.state, runner.recorder = outer, None
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+    def _step(self, step: int, calls: list[list[tuple[tuple, dict]]]) -> list[torch.Tensor]:
+        trials = {}
+        if step > 0:
+            for layer in range(self.num_layers):
+                for probe in self.probes:
+                    trials[layer, probe] = flat(self._run(step, calls, {layer: probe}))
+        outputs = self._run(step, calls, None, self.recorders)
+        if trials:  # one collective per step: the loss of every trial over the whole batch
+            reference = flat(outputs)
+            sums = distributed.sum_pairs([rel_l1_sums(trial, reference) for trial in trials.values()])
+            for (layer, probe), (total, count) in zip(trials, sums):
+                self.losses[probe][step][layer] = total / count
+        if self.progress is not None:
+            for layer in range(self.num_layers):
+                self.progress(step, layer)
+        return self._join(outputs)
 
 
 def profile_model(

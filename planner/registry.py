@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,11 @@ class Family:
     """What calibrating a supported diffusers pipeline class needs.
 
     ``inputs`` says whether the pipeline is conditioned on captions or class ids;
-    ``call_kwargs`` are extra arguments of every calibration call.
+    ``call_kwargs`` are extra arguments of every calibration call. ``cfg`` is how the
+    pipeline runs classifier-free guidance when ``guidance`` is above 1: ``batched`` (both
+    halves in one call, in ``cfg_order``), ``separate`` (a second transformer call for the
+    negative prompt) or ``none`` (guidance-distilled: ``guidance`` is a model input).
+    ``guidance_arg`` is the pipeline argument that takes ``guidance``.
     """
 
     pipeline: str
@@ -27,23 +31,46 @@ class Family:
     steps: int = 50
     scheduler: str = "DPMSolverMultistepScheduler"
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    cfg: Literal["batched", "separate", "none"] = "batched"
+    guidance_arg: str = "guidance_scale"
 
     @property
-    def cfg_order(self) -> str:
-        """Row order of the CFG batch this pipeline builds."""
-        return PIPELINE_CFG_ORDER[self.pipeline]
+    def cfg_order(self) -> str | None:
+        """Row order of the CFG batch this pipeline builds (``None`` unless ``batched``)."""
+        return PIPELINE_CFG_ORDER.get(self.pipeline) if self.cfg == "batched" else None
+
+    def runs_cfg(self, guidance: float) -> bool:
+        """Whether a generation at ``guidance`` runs classifier-free guidance."""
+        return self.cfg != "none" and guidance > 1.0
 
 
 # PixArt captions are our own and already clean; the plan fixes the resolution, so the
 # pipeline must not snap it to an aspect-ratio bin.
 _PIXART_CALL = {"use_resolution_binning": False, "clean_caption": False}
+_FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
 
 FAMILIES: dict[str, Family] = {
     "PixArtSigmaPipeline": Family("PixArtSigmaPipeline", "captions", 4.5, call_kwargs=_PIXART_CALL),
     "PixArtAlphaPipeline": Family("PixArtAlphaPipeline", "captions", 4.5, call_kwargs=_PIXART_CALL),
     "DiTPipeline": Family("DiTPipeline", "classes", 4.0),
     "LattePipeline": Family("LattePipeline", "captions", 7.5, call_kwargs={"clean_caption": False}),
+    "StableDiffusion3Pipeline": Family(
+        "StableDiffusion3Pipeline", "captions", 7.0, steps=28, scheduler=_FLOW_MATCH
+    ),
+    # FLUX.1 is guidance-distilled: ``guidance_scale`` is an input of the transformer and
+    # each step is one call; true CFG (``true_cfg_scale``) runs a second, separate call.
+    "FluxPipeline": Family(
+        "FluxPipeline", "captions", 3.5, steps=50, scheduler=_FLOW_MATCH, cfg="none"
+    ),
 }
+
+
+def _variant(pipeline: str, guidance: float, steps: int, **call_kwargs: Any) -> Family:
+    """``pipeline``'s family with a model card's own guidance, steps and call arguments."""
+    family = FAMILIES[pipeline]
+    return replace(
+        family, guidance=guidance, steps=steps, call_kwargs={**family.call_kwargs, **call_kwargs}
+    )
 
 
 @dataclass(frozen=True)
@@ -73,12 +100,13 @@ class ModelSpec:
 
 def embedded_spec(model: EmbeddedModel) -> ModelSpec:
     """The registry entry of a model shipped in ``models/``: its own steps, guidance and prompts."""
-    family = Family(
-        model.pipeline,
-        FAMILIES[model.pipeline].inputs,
-        model.guidance,
+    family = replace(
+        FAMILIES[model.pipeline],
+        guidance=model.guidance,
         steps=model.steps,
         call_kwargs=dict(model.call_kwargs),
+        cfg=model.cfg_mode,
+        guidance_arg=model.guidance_arg,
     )
     return ModelSpec(
         model.name, str(model.folder), family, model.height, local=True, calibration=model.calibration_prompts
@@ -100,6 +128,35 @@ REGISTRY: tuple[ModelSpec, ...] = (
     ModelSpec("dit-xl-2-256", "facebook/DiT-XL-2-256", FAMILIES["DiTPipeline"], 256, aliases=("dit",)),
     ModelSpec("dit-xl-2-512", "facebook/DiT-XL-2-512", FAMILIES["DiTPipeline"], 512),
     ModelSpec("latte-1", "maxin-cn/Latte-1", FAMILIES["LattePipeline"], 512, aliases=("latte",)),
+    ModelSpec(
+        "sd3-medium",
+        "stabilityai/stable-diffusion-3-medium-diffusers",
+        _variant("StableDiffusion3Pipeline", 7.0, 28),
+        1024,
+        aliases=("sd3",),
+    ),
+    ModelSpec(
+        "sd3.5-medium",
+        "stabilityai/stable-diffusion-3.5-medium",
+        _variant("StableDiffusion3Pipeline", 4.5, 40),
+        1024,
+    ),
+    ModelSpec(
+        "sd3.5-large", "stabilityai/stable-diffusion-3.5-large", _variant("StableDiffusion3Pipeline", 3.5, 28), 1024
+    ),
+    ModelSpec(
+        "flux-dev",
+        "black-forest-labs/FLUX.1-dev",
+        _variant("FluxPipeline", 3.5, 50, max_sequence_length=512),
+        1024,
+        aliases=("flux",),
+    ),
+    ModelSpec(
+        "flux-schnell",
+        "black-forest-labs/FLUX.1-schnell",
+        _variant("FluxPipeline", 0.0, 4, max_sequence_length=256),
+        1024,
+    ),
     *(embedded_spec(model) for model in (*EMBEDDED_MODELS.values(), *VIDEO_MODELS.values())),
 )
 

@@ -14,6 +14,7 @@ from schemas import (
     METHODS,
     Latency,
     Plan,
+    cfg_mode_of,
     keys_per_query,
     layer_weight,
     method_cost,
@@ -52,7 +53,9 @@ def _facts_table(plan: Plan) -> Table:
     table.add_column()
     model, tokens, sampling = plan.model, plan.tokens, plan.sampling
     size = f" ({tokens.height}x{tokens.width})" if tokens.height and tokens.width else ""
-    cfg = f"on, {sampling.cfg_order}, guidance {sampling.guidance_scale}" if sampling.cfg else "off"
+    mode = cfg_mode_of(sampling)
+    how = sampling.cfg_order if mode == "batched" else "separate calls"
+    cfg = f"on, {how}, guidance {sampling.guidance_scale}" if sampling.cfg else "off"
     rows = [
         ("model", f"{model.name} ({model.class_name})"),
         ("layers", f"{model.num_layers} x {model.num_heads} heads x {model.head_dim}"),
@@ -87,6 +90,12 @@ def _tokens_fact(plan: Plan, size: str) -> str:
     window = f"±{plan.window}" if isinstance(plan.window, int) else window_name(plan.window)
     if plan.layers is None:
         return f"{tokens.num_tokens}{size}, window {window}"
+    if tokens.text_tokens:
+        joint = sum(layer.kind == "joint" for layer in plan.layers)
+        return (
+            f"{tokens.num_tokens} image{size} + {tokens.text_tokens} text in {joint} joint layers, "
+            f"arrow window {window} (image keys) + all text keys"
+        )
     temporal = next((layer for layer in plan.layers if layer.kind == "temporal"), None)
     text = f"{tokens.num_tokens} per frame{size}, window {window}"
     if temporal is not None:
@@ -165,7 +174,7 @@ def grid(plan: Plan) -> Table:
     table = Table(box=None, padding=(0, 1), show_edge=False)
     table.add_column("step", justify="right", style="bold")
     layers = plan_layers(plan)
-    video = plan.layers is not None
+    video = any(layer.kind == "temporal" for layer in plan.layers or ())
     wide = plan.model.num_layers > MAX_GRID_LAYERS
     heading = f"layers 0 … {plan.model.num_layers - 1}" + (" (method counts)" if wide else "")
     table.add_column(heading)
@@ -179,7 +188,7 @@ def grid(plan: Plan) -> Table:
             continue
         row = plan.methods[t]
         cells = method_counts({m: row.count(m) for m in METHODS}) if wide else _letters(row, layers, video)
-        kept = sum(w * method_cost(m, layer.num_tokens, layer.window) for m, layer, w in zip(row, layers, weights))
+        kept = sum(w * method_cost(m, layer.num_tokens, layer.window, layer.text_tokens) for m, layer, w in zip(row, layers, weights))
         table.add_row(str(t), cells, percent(kept / total))
     return table
 
@@ -197,7 +206,7 @@ def legend(video: bool = False) -> Text:
 
 def render_plan(plan: Plan) -> Group:
     """The header facts, the grid and its legend."""
-    return Group(_facts_table(plan), Text(), grid(plan), legend(plan.layers is not None))
+    return Group(_facts_table(plan), Text(), grid(plan), legend(any(layer.kind == "temporal" for layer in plan.layers or ())))
 
 
 def build_summary(plan: Plan, output: str, seconds: float, plain_seconds: float | None) -> Table:

@@ -20,6 +20,7 @@ from planner import distributed
 from runtime.recording import Recorder
 from runtime.runner import Runner
 from runtime.state import GenerationState
+from schemas import PlanError
 
 CANDIDATES = ("ast", "wars_asc", "wars", "asc")  # most compressive first
 CFG_SHARING = ("wars_asc", "asc")
@@ -102,11 +103,14 @@ class Chunks:
 
 
 class ChunkedForward:
-    """Routes a transformer's forward through ``_forward`` while ``attached``.
+    """Routes a transformer's forward through ``_step`` while ``attached``.
 
     The calibration batch (this rank's share of it in a data-parallel run) is split into
     chunks (:class:`Chunks`), each run on its own generation state, so per-chunk caches
-    stay apart; subclasses decide what a step does.
+    stay apart; subclasses decide what a step does. A step is one transformer call, or,
+    with CFG in separate calls, the pair of calls: the conditional call gets back a tensor
+    that is filled when the unconditional call has arrived and the step has run (the
+    pipeline combines the two only after both calls, so it reads the filled values).
     """
 
     def __init__(self, runner: Runner, transformer: torch.nn.Module, calib_batch: int | None) -> None:
@@ -116,6 +120,7 @@ class ChunkedForward:
         self._original = transformer.forward
         self._chunks: Chunks | None = None
         self._states: list[GenerationState] = []
+        self._waiting: tuple[list[tuple[tuple, dict]], torch.Tensor] | None = None
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -123,18 +128,43 @@ class ChunkedForward:
         self.transformer.forward = self._forward
         try:
             yield
+            if self._waiting is not None:
+                raise PlanError(
+                    "$.sampling.cfg_mode: the last step ran one transformer call; 'separate' CFG runs two"
+                )
         finally:
             del self.transformer.forward
-            self._chunks, self._states = None, []
+            self._chunks, self._states, self._waiting = None, [], None
 
     def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        parts = self._split(args, kwargs)
+        if self.runner.cfg_mode == "separate" and self._waiting is None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._waiting = parts, hidden.new_empty(hidden.shape)
+            sample = self._waiting[1]
+        else:
+            first, self._waiting = self._waiting, None
+            calls = [parts] if first is None else [first[0], parts]
+            runner = self.runner
+            outer = runner.state
+            try:
+                outputs = self._step(outer.step, calls)
+            finally:
+                runner.state, runner.recorder = outer, None
+            if first is not None:
+                first[1].copy_(outputs[0])
+            sample = outputs[-1]
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    def _step(self, step: int, calls: list[list[tuple[tuple, dict]]]) -> list[torch.Tensor]:
+        """Run denoising step ``step`` on its calls' chunks; the output of each call."""
         raise NotImplementedError
 
     def _split(self, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
-        """The step's inputs per chunk; the chunks and their states are made at the first step."""
+        """A call's inputs per chunk; the chunks and their states are made at the first call."""
         if self._chunks is None:
             rows = (args[0] if args else kwargs["hidden_states"]).shape[0]
-            cfg = self.runner.cfg
+            cfg = self.runner.cfg_mode == "batched"
             share = distributed.share(rows // 2 if cfg else rows)
             self._chunks = Chunks(rows, cfg, self.calib_batch, share)
             self._states = [GenerationState() for _ in range(len(self._chunks))]
@@ -144,25 +174,35 @@ class ChunkedForward:
     def _chunks_made(self, count: int) -> None:
         """Hook: ``count`` chunks were made."""
 
+    def _join(self, outputs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Each call's chunk outputs as one batch."""
+        return [self._chunks.join(chunks) for chunks in outputs]
+
     def _run(
         self,
         step: int,
-        parts: list[tuple[tuple, dict]],
+        calls: list[list[tuple[tuple, dict]]],
         overrides: dict[int, str] | None,
         recorders: list[Recorder] | None = None,
-    ) -> list[torch.Tensor]:
-        """Outputs per chunk at ``step``: a trial with ``overrides``, or the real forward
-        (recorded by the chunk's recorder when ``recorders`` is given)."""
-        runner, outputs = self.runner, []
-        for i, (state, (args, kwargs)) in enumerate(zip(self._states, parts)):
+    ) -> list[list[torch.Tensor]]:
+        """Outputs per call and chunk at ``step``: a trial with ``overrides``, or the real
+        forward (recorded by the chunk's recorder when ``recorders`` is given). A trial runs
+        each chunk's calls in order, so a separate step's second call can share the first's."""
+        runner = self.runner
+        outputs: list[list[torch.Tensor]] = [[] for _ in calls]
+        for i, state in enumerate(self._states):
             runner.state, state.step = state, step
-            if overrides is None:
-                runner.recorder = recorders[i] if recorders is not None else None
-                outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
-                runner.recorder = None
-            else:
-                with runner.trying(overrides):
-                    outputs.append(self._original(*args, return_dict=False, **kwargs)[0])
+            for call, parts in enumerate(calls):
+                args, kwargs = parts[i]
+                state.call = call
+                if overrides is None:
+                    runner.recorder = recorders[i] if recorders is not None else None
+                    outputs[call].append(self._original(*args, return_dict=False, **kwargs)[0])
+                    runner.recorder = None
+                else:
+                    with runner.trying(overrides):
+                        outputs[call].append(self._original(*args, return_dict=False, **kwargs)[0])
+            state.call = 0
         return outputs
 
 
@@ -196,29 +236,22 @@ class GreedySearch(ChunkedForward):
         )
 
     # -- one denoising step --------------------------------------------------
-    def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-        runner = self.runner
-        outer, step = runner.state, runner.state.step
-        parts = self._split(args, kwargs)
-        try:
-            if step > 0 and self.delta < 1.0:
-                self._decide(step, parts)
-            else:  # step 0 stays full; δ = 1 leaves no budget to spend
-                for layer in range(self.num_layers):
-                    self._report(step, layer)
-            sample = self._chunks.join(self._run(step, parts, None))
-        finally:
-            runner.state = outer
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+    def _step(self, step: int, calls: list[list[tuple[tuple, dict]]]) -> list[torch.Tensor]:
+        if step > 0 and self.delta < 1.0:
+            self._decide(step, calls)
+        else:  # step 0 stays full; δ = 1 leaves no budget to spend
+            for layer in range(self.num_layers):
+                self._report(step, layer)
+        return self._join(self._run(step, calls, None))
 
-    def _decide(self, step: int, parts: list[tuple[tuple, dict]]) -> None:
+    def _decide(self, step: int, calls: list[list[tuple[tuple, dict]]]) -> None:
         layers = self.num_layers
-        reference = self._run(step, parts, {i: "full" for i in range(layers)})
+        reference = flat(self._run(step, calls, {i: "full" for i in range(layers)}))
         loss = 0.0  # loss of the current choices: all full so far
         for layer in range(layers):
             budget = (layer + 1) / layers * (1.0 - self.delta)
             for candidate in self.candidates:
-                trial = rel_l1(self._run(step, parts, {layer: candidate}), reference)
+                trial = rel_l1(flat(self._run(step, calls, {layer: candidate})), reference)
                 if trial <= budget:
                     self.methods[step][layer], loss = candidate, trial
                     break
@@ -228,3 +261,8 @@ class GreedySearch(ChunkedForward):
     def _report(self, step: int, layer: int) -> None:
         if self.progress is not None:
             self.progress(step, layer, self.methods[step][layer], self.losses[step][layer])
+
+
+def flat(outputs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Every call's chunk outputs in one list (a loss covers both calls of a separate step)."""
+    return [chunk for call in outputs for chunk in call]

@@ -151,6 +151,8 @@ def calibration_inputs(settings: BuildSettings, spec: ModelSpec) -> tuple[str, .
 def build_request(settings: BuildSettings, spec: ModelSpec) -> BuildRequest:
     """The calibration run the settings ask for on ``spec``'s model, defaults filled in."""
     height, width = settings.size
+    if height is None and width is None:  # the model card's size (FLUX's config has none)
+        height = width = spec.resolution
     return BuildRequest(
         name=spec.name if spec.local else spec.source,
         inputs=calibration_inputs(settings, spec),
@@ -165,4 +167,5 @@ def build_request(settings: BuildSettings, spec: ModelSpec) -> BuildRequest:
         calib_batch=settings.calib_batch,
         call_kwargs=dict(spec.family.call_kwargs),
         latency=settings.latency,
+        family=spec.family,
     )

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 import runtime
 from planner import distributed
@@ -27,6 +26,7 @@ from planner.search import ChunkedForward
 from runtime.recording import Recorder
 from runtime.runner import Runner
 from runtime.schedule import Schedule
+from runtime.arrow import bind_arrow
 from runtime.windows import BoundKernel, bind_window
 from schemas import Plan, Tiles1d, Tiles2d, Tiles3d, WindowShape, plan_layers, window_name, window_pairs
 from schemas.plan import MAX_WINDOW
@@ -213,15 +213,8 @@ class WindowTrial(ChunkedForward):
     def _chunks_made(self, count: int) -> None:
         self.chunks = [_Candidates(self.kernels) for _ in range(count)]
 
-    def _forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-        runner = self.runner
-        outer, step = runner.state, runner.state.step
-        parts = self._split(args, kwargs)
-        try:
-            sample = self._chunks.join(self._run(step, parts, None, self.chunks))
-        finally:
-            runner.state, runner.recorder = outer, None
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+    def _step(self, step: int, calls: list[list[tuple[tuple, dict]]]) -> list[torch.Tensor]:
+        return self._join(self._run(step, calls, None, self.chunks))
 
     def errors(self, steps: int, layers: int) -> list[float]:
         """Per candidate: the mean over steps ``t >= 1`` and layers of its ``wars`` distance."""
@@ -237,13 +230,17 @@ class WindowTrial(ChunkedForward):
         return out
 
 
-def candidate_kernels(plan: Plan, window: WindowShape, kernel: str = "auto") -> list[BoundKernel]:
-    """Per layer of ``plan``: the kernel of ``window`` on spatial layers, of their own band on temporal ones."""
-    layers = plan_layers(plan)
-    return [
-        bind_window(window if x.kind == "spatial" else x.window, x.num_tokens, kernel)
-        for x in layers
-    ]
+def candidate_kernels(runner: Runner, plan: Plan, window: WindowShape, kernel: str = "auto") -> list[BoundKernel]:
+    """Per layer of ``plan``: the kernel of ``window`` on spatial layers, its arrow on joint
+    layers (text where ``runner``'s adapter puts it), their own band on temporal ones."""
+    kernels = []
+    for i, x in enumerate(plan_layers(plan)):
+        if x.kind == "joint":
+            text_first = runner.adapters[i].text_first
+            kernels.append(bind_arrow(window, x.num_tokens, x.text_tokens, text_first, kernel, "$.window"))
+        else:
+            kernels.append(bind_window(window if x.kind == "spatial" else x.window, x.num_tokens, kernel))
+    return kernels
 
 
 def measure_windows(
@@ -255,7 +252,7 @@ def measure_windows(
     try:
         handle.runner.schedule = Schedule([list(row) for row in draft.methods])
         trial = WindowTrial(
-            handle.runner, pipe.transformer, [candidate_kernels(draft, s) for s in shapes], calib_batch
+            handle.runner, pipe.transformer, [candidate_kernels(handle.runner, draft, s) for s in shapes], calib_batch
         )
         with trial.attached():
             pipe(**call)

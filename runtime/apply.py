@@ -8,29 +8,36 @@ from typing import Any
 
 import torch
 
+from runtime.adapters import Adapter, adapter_for
 from runtime.kernels import KERNELS
 from runtime.processor import FastAttnProcessor
 from runtime.runner import Runner
 from runtime.schedule import Schedule
 from runtime.state import RunStats
-from schemas import Plan, PlanError, config_hash
+from schemas import Plan, PlanError, cfg_mode_of, config_hash
 
-# CFG batch order of the diffusers pipelines we know, by class name (no diffusers import).
+# How the diffusers pipelines we know run CFG, by class name (no diffusers import): the
+# row order of their CFG batch, or ``separate`` for one transformer call per CFG half
+# (FLUX's true CFG, conditional call first).
 PIPELINE_CFG_ORDER = {
     "PixArtSigmaPipeline": "uncond_cond",
     "PixArtAlphaPipeline": "uncond_cond",
     "DiTPipeline": "cond_uncond",
     "LattePipeline": "uncond_cond",
+    "StableDiffusion3Pipeline": "uncond_cond",
+    "FluxPipeline": "separate",
 }
 
-# CFG batch order of a bare transformer, by class name, for the classes whose every
-# diffusers pipeline batches one way (PixArt-α, PixArt-Σ, PAG-Σ, DiT, Latte in diffusers
-# 0.42). A pipeline's own entry above wins; a class missing here is checked at run time
-# only (DiT's null class labels).
+# The same for a bare transformer, by class name, for the classes whose every diffusers
+# pipeline runs CFG one way (PixArt-α, PixArt-Σ, PAG-Σ, DiT, Latte, SD3/3.5, FLUX in
+# diffusers 0.42). A pipeline's own entry above wins; a class missing here is checked at
+# run time only (DiT's null class labels).
 TRANSFORMER_CFG_ORDER = {
     "PixArtTransformer2DModel": "uncond_cond",
     "DiTTransformer2DModel": "cond_uncond",
     "LatteTransformer3DModel": "uncond_cond",
+    "SD3Transformer2DModel": "uncond_cond",
+    "FluxTransformer2DModel": "separate",
 }
 
 # Attribute that marks a transformer holding a live plan; its value is the handle.
@@ -47,28 +54,48 @@ def find_transformer(target: Any) -> torch.nn.Module:
     return model
 
 
-def self_attention_layers(model: torch.nn.Module) -> list[Any]:
-    """``attn1`` of each transformer block, in the order the model runs them.
+def _block_layers(block: torch.nn.Module) -> list[tuple[Any, str]]:
+    """A block's self-attention layers and their kinds, in the order the block runs them:
+    ``attn1`` (PixArt, DiT, Latte; their ``attn2`` is cross-attention), else the joint
+    ``attn`` (SD3, FLUX) and the MMDiT-X image-only ``attn2`` (SD3.5) when there is one."""
+    if hasattr(block, "attn1"):
+        return [(block.attn1, "spatial")]
+    layers = [(block.attn, "joint")]
+    if getattr(block, "attn2", None) is not None:
+        layers.append((block.attn2, "spatial"))
+    return layers
 
-    Video DiTs with ``temporal_transformer_blocks`` (Latte) alternate: spatial block
-    ``i``, then temporal block ``i``.
-    """
-    spatial = [block.attn1 for block in model.transformer_blocks]
+
+def _layers(model: torch.nn.Module) -> list[tuple[Any, str]]:
     temporal = getattr(model, "temporal_transformer_blocks", None)
-    if temporal is None:
-        return spatial
-    return [attn for pair in zip(spatial, (b.attn1 for b in temporal)) for attn in pair]
+    if temporal is not None:
+        return [
+            entry
+            for pair in zip(model.transformer_blocks, temporal)
+            for entry in ((pair[0].attn1, "spatial"), (pair[1].attn1, "temporal"))
+        ]
+    blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", ()))
+    return [entry for block in blocks for entry in _block_layers(block)]
+
+
+def self_attention_layers(model: torch.nn.Module) -> list[Any]:
+    """The self-attention modules of ``model``, in the order the model runs them.
+
+    ``attn1`` of each block; video DiTs with ``temporal_transformer_blocks`` (Latte)
+    alternate: spatial block ``i``, then temporal block ``i``. MMDiTs: each block's joint
+    ``attn`` then its ``attn2`` if any (SD3.5), FLUX's double-stream blocks then its
+    single-stream ones.
+    """
+    return [attn for attn, _ in _layers(model)]
 
 
 def layer_kinds(model: torch.nn.Module) -> list[str]:
-    """``spatial`` or ``temporal`` for each entry of ``self_attention_layers``."""
-    count = len(model.transformer_blocks)
-    if getattr(model, "temporal_transformer_blocks", None) is None:
-        return ["spatial"] * count
-    return ["spatial", "temporal"] * count
+    """``spatial``, ``temporal`` or ``joint`` for each entry of ``self_attention_layers``."""
+    return [kind for _, kind in _layers(model)]
 
 
-def _check_model(plan: Plan, model: torch.nn.Module, layers: list[Any], strict: bool) -> None:
+def _check_model(plan: Plan, model: torch.nn.Module, layers: list[Any], strict: bool) -> list[Adapter]:
+    """The plan against the model; the layers' adapters."""
     info = plan.model
     if len(layers) != info.num_layers:
         raise PlanError(f"$.model.num_layers: plan has {info.num_layers}, model has {len(layers)}")
@@ -78,10 +105,7 @@ def _check_model(plan: Plan, model: torch.nn.Module, layers: list[Any], strict: 
         head_dim = attn.to_q.out_features // attn.heads
         if head_dim != info.head_dim:
             raise PlanError(f"$.model.head_dim: plan has {info.head_dim}, layer {i} has {head_dim}")
-        if attn.is_cross_attention or attn.residual_connection or attn.spatial_norm is not None:
-            raise PlanError(f"layer {i}: attn1 is not a plain self-attention module")
-        if attn.group_norm is not None:
-            raise PlanError(f"layer {i}: attn1 with group norm is not supported")
+    adapters = [adapter_for(attn, i) for i, attn in enumerate(layers)]
     kinds = layer_kinds(model)
     planned = [layer.kind for layer in plan.layers] if plan.layers else ["spatial"] * len(layers)
     for i, (want, have) in enumerate(zip(planned, kinds)):
@@ -98,18 +122,25 @@ def _check_model(plan: Plan, model: torch.nn.Module, layers: list[Any], strict: 
                 f"$.model.config_hash: plan was calibrated for another {name} configuration "
                 "(pass strict=False to run it anyway)"
             )
+    return adapters
 
 
 def _check_cfg_order(plan: Plan, target: Any, model: torch.nn.Module) -> None:
-    """The plan's CFG order against the pipeline's class, else the transformer's class."""
-    if not plan.sampling.cfg:
+    """The plan's CFG mode and order against the pipeline's class, else the transformer's class."""
+    mode = cfg_mode_of(plan.sampling)
+    if mode == "none":
         return
     name = type(target).__name__
     expected = PIPELINE_CFG_ORDER.get(name) if target is not model else None
     if expected is None:
         name = type(model).__name__
         expected = TRANSFORMER_CFG_ORDER.get(name)
-    if expected is not None and expected != plan.sampling.cfg_order:
+    if expected is None:
+        return
+    if (expected == "separate") != (mode == "separate"):
+        runs = "in separate calls ('separate')" if expected == "separate" else f"batched ({expected!r})"
+        raise PlanError(f"$.sampling.cfg_mode: plan says {mode!r}, {name} runs CFG {runs}")
+    if mode == "batched" and expected != plan.sampling.cfg_order:
         raise PlanError(
             f"$.sampling.cfg_order: plan says {plan.sampling.cfg_order!r}, {name} batches {expected!r}"
         )
@@ -151,7 +182,7 @@ class FastAttnHandle:
                 "target: a plan is already applied to this transformer; remove its handle first"
             )
         layers = self_attention_layers(model)
-        _check_model(plan, model, layers, strict)
+        adapters = _check_model(plan, model, layers, strict)
         _check_cfg_order(plan, target, model)
         config = getattr(model, "config", {}) or {}
         self.runner = Runner(
@@ -163,6 +194,8 @@ class FastAttnHandle:
             kernel=kernel,
             null_class=config.get("num_embeds_ada_norm") if "class_labels" in _forward_args(model) else None,
             layers=list(plan.layers) if plan.layers else None,
+            cfg_mode=cfg_mode_of(plan.sampling),
+            adapters=adapters,
         )
         self._scheduler = getattr(target, "scheduler", None) if target is not model else None
         self._timesteps_hook: TimestepsHook | None = None
@@ -297,11 +330,15 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def expected_graphs(runner: Runner, model: torch.nn.Module) -> int:
     """Graphs a compiled block class needs at most for the plan: one per distinct layer-step
-    (``Schedule.variants``), window and layer kind (spatial and temporal blocks share a class)."""
+    (``Schedule.variants``), window and layer kind (spatial and temporal blocks share a class),
+    for each self-attention layer of a block (SD3.5's two) and each call of a step (separate CFG)."""
     layers = len(runner.schedule.methods[0])
     windows = len({id(runner.window_kernel(i)) for i in range(layers)})
-    kinds = 2 if getattr(model, "temporal_transformer_blocks", None) is not None else 1
-    return len(runner.schedule.variants()) * windows * kinds
+    temporal = getattr(model, "temporal_transformer_blocks", None) is not None
+    kinds = 2 if temporal else 1
+    per_block = 1 if temporal else max(len(_block_layers(b)) for b in model.transformer_blocks)
+    calls = 2 if runner.cfg_mode == "separate" else 1
+    return (len(runner.schedule.variants()) * windows) ** per_block * kinds * calls
 
 
 class CompiledBlocks:
@@ -356,9 +393,11 @@ def _contiguous_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> tup
 
 
 def install(runner: Runner, model: torch.nn.Module, layers: list[Any]) -> Installed:
-    """Put one ``FastAttnProcessor`` on each self-attention layer and the step hooks on ``model``."""
+    """Put one ``FastAttnProcessor`` on each self-attention layer (with the runner's adapter
+    of its family) and the step hooks on ``model``."""
     originals = [attn.processor for attn in layers]
-    processors = [FastAttnProcessor(runner, i) for i in range(len(layers))]
+    adapters = runner.adapters or [adapter_for(attn, i) for i, attn in enumerate(layers)]
+    processors = [FastAttnProcessor(runner, i, adapter) for i, adapter in enumerate(adapters)]
     try:
         for attn, processor in zip(layers, processors):
             attn.set_processor(processor)
@@ -370,7 +409,7 @@ def install(runner: Runner, model: torch.nn.Module, layers: list[Any]) -> Instal
     @torch.compiler.disable
     def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
-        runner.before_forward(hidden, kwargs.get("class_labels"))
+        runner.before_forward(hidden, kwargs.get("class_labels"), kwargs.get("timestep"))
 
     @torch.compiler.disable
     def post(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -398,10 +437,12 @@ def apply(
 ) -> FastAttnHandle:
     """Execute ``plan`` on a diffusers pipeline (its ``.transformer``) or a transformer.
 
-    Checks the plan against the model first (layers, heads, head dim, model class and
-    config when ``strict``, CFG batch order by pipeline class, else transformer class)
-    and on the first step (tokens, CFG and batch order); every mismatch raises
-    ``PlanError`` naming the plan field. ``kernel`` picks the window kernel (``auto``,
+    Checks the plan against the model first (layers and their kinds, heads, head dim,
+    model class and config when ``strict``, CFG mode and batch order by pipeline class,
+    else transformer class) and on the first step (tokens, text tokens, CFG and batch
+    order); every mismatch raises ``PlanError`` naming the plan field. With CFG in
+    separate calls (FLUX's true CFG) a step is two calls with the same timestep,
+    conditional first; a step of one call or three is a ``PlanError``. ``kernel`` picks the window kernel (``auto``,
     ``chunked``, ``dense``).
 
     ``plan`` must be a ``Plan`` (``TypeError`` otherwise: use ``load_plan`` first). A

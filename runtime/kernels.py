@@ -50,18 +50,27 @@ def chunk_size(num_tokens: int, window: int) -> int:
 
 
 def chunked_window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Window attention in query chunks, each over the key slab its band needs.
 
     Work is about ``N * (c + 2w)`` pairs instead of ``N^2``; the result is exact.
+    ``extra`` (keys, values), when given, are seen by every query besides its band: they
+    are appended to each slab (the text keys of an arrow window, ``runtime/arrow.py``).
     """
     n = q.shape[-2]
     if window >= n - 1:
+        if extra is not None:
+            k, v = torch.cat([k, extra[0]], dim=-2), torch.cat([v, extra[1]], dim=-2)
         return full_attention(q, k, v)
     c = chunk_size(n, window)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     masks: dict[tuple[int, int, int], torch.Tensor] = {}
+    seen = 0 if extra is None else extra[0].shape[-2]
     for start in range(0, n, c):
         stop = min(n, start + c)
         k_start, k_stop = max(0, start - window), min(n, stop + window)
@@ -70,10 +79,14 @@ def chunked_window_attention(
         if mask is None:
             q_idx = torch.arange(start, stop, device=q.device)
             k_idx = torch.arange(k_start, k_stop, device=q.device)
-            mask = masks[key] = window_mask(q_idx, k_idx, window)
-        out[..., start:stop, :] = full_attention(
-            q[..., start:stop, :], k[..., k_start:k_stop, :], v[..., k_start:k_stop, :], mask
-        )
+            mask = window_mask(q_idx, k_idx, window)
+            if seen:
+                mask = torch.cat([mask, mask.new_ones(stop - start, seen)], dim=-1)
+            masks[key] = mask
+        k_slab, v_slab = k[..., k_start:k_stop, :], v[..., k_start:k_stop, :]
+        if extra is not None:
+            k_slab, v_slab = torch.cat([k_slab, extra[0]], dim=-2), torch.cat([v_slab, extra[1]], dim=-2)
+        out[..., start:stop, :] = full_attention(q[..., start:stop, :], k_slab, v_slab, mask)
     return out
 
 

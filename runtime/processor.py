@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runtime.adapters import SELF, Adapter, AttnCall, Outputs, joined
 from runtime.kernels import full_attention
 from runtime.schedule import COMPUTES_FULL
 from schemas import PlanError
@@ -13,16 +14,19 @@ from schemas import PlanError
 if TYPE_CHECKING:
     from runtime.runner import LayerStep, Runner
 
+SHARED = ("asc", "wars_asc")
+
 
 class FastAttnProcessor:
-    """Self-attention processor of one layer (``attn1`` of block ``layer``).
+    """Self-attention processor of one layer (e.g. ``attn1`` of block ``layer``).
 
     Methods, per DESIGN: ``full`` ordinary attention; ``wars`` window attention plus
     the layer's cached residual; ``ast`` the layer's most recent computed output,
     skipping q/k/v; ``asc`` full attention on the conditional rows, copied to the
     unconditional ones; ``wars_asc`` window plus residual on the conditional rows,
     copied. What to run and which caches to touch is a ``LayerStep`` made by the
-    shared ``Runner`` (``Runner.layer_step``); ``execute`` runs it.
+    shared ``Runner`` (``Runner.layer_step``); ``execute`` runs it. ``adapter`` says how
+    the layer's processor family makes q/k/v and its outputs (``runtime/adapters.py``).
 
     Under ``torch.compile`` the processor is traced with its block: it reads only
     ``bound``, the ``LayerStep`` the transformer's (eager) pre-forward hook made for
@@ -33,9 +37,10 @@ class FastAttnProcessor:
     and per-chunk states need.
     """
 
-    def __init__(self, runner: Runner, layer: int) -> None:
+    def __init__(self, runner: Runner, layer: int, adapter: Adapter = SELF) -> None:
         self.runner = runner
         self.layer = layer
+        self.adapter = adapter
         self.bound: LayerStep | None = None
 
     def __call__(
@@ -44,33 +49,31 @@ class FastAttnProcessor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        temb: Any = None,
+        image_rotary_emb: Any = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is not None or hidden_states.ndim != 3:
-            raise RuntimeError(
-                f"layer {self.layer}: FastAttnProcessor handles self-attention on [batch, tokens, "
-                "channels] inputs only"
-            )
+    ) -> Outputs:
         todo = self.bound
         if not torch.compiler.is_compiling() or todo is None:
             todo = self.runner.layer_step(self.layer)
-        return execute(self.runner, todo, attn, hidden_states, attention_mask)
+        call = AttnCall(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return execute(self.runner, todo, self.adapter, attn, call)
 
 
-def execute(
-    runner: Runner,
-    todo: LayerStep,
-    attn: Any,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """Run one layer-step: the single implementation of the five methods and their caches."""
+def execute(runner: Runner, todo: LayerStep, adapter: Adapter, attn: Any, call: AttnCall) -> Outputs:
+    """Run one layer-step: the single implementation of the five methods and their caches.
+
+    With CFG batched, ``asc``/``wars_asc`` compute the conditional rows and copy them to
+    both halves; with CFG in separate calls the conditional call computes its rows and
+    keeps its output, which the unconditional call of the same step returns.
+    """
     method, cache = todo.method, todo.cache
-    rows_all, num_tokens = hidden_states.shape[0], hidden_states.shape[1]
-    if todo.num_tokens is not None and num_tokens != todo.num_tokens:
-        runner.check_tokens(todo.layer, num_tokens)
-    if attention_mask is not None and method != "full":
+    try:
+        rows_all, num_tokens, text = adapter.sizes(call, todo.text_tokens)
+    except RuntimeError as exc:
+        raise RuntimeError(f"layer {todo.layer}: {exc}") from None
+    if (todo.num_tokens is not None and num_tokens != todo.num_tokens) or text != todo.text_tokens:
+        runner.check_tokens(todo.layer, num_tokens, text)
+    if call.attention_mask is not None and method != "full" and adapter.uses_mask:
         raise PlanError(
             f"$.methods[{todo.step}][{todo.layer}]: {method!r} cannot run with a self-attention mask"
         )
@@ -82,24 +85,49 @@ def execute(
         if out is None:
             raise PlanError(f"$.methods[{todo.step}][{todo.layer}]: 'ast' has no earlier output to reuse")
         return out
+    shared = method in SHARED
+    if shared and todo.second:
+        return _from_conditional_call(todo)
 
-    shared = method in ("asc", "wars_asc")
-    rows = runner.cond_rows(rows_all) if shared else slice(None)
-    q, k, v = _project(attn, hidden_states[rows])
+    batched = shared and runner.cfg_mode == "batched"
+    rows = runner.cond_rows(rows_all) if batched else slice(None)
+    q, k, v = adapter.project(attn, call, rows, text)
     if method in COMPUTES_FULL:
-        o = full_attention(q, k, v, _prepare_mask(attn, attention_mask, q))
+        o = full_attention(q, k, v, adapter.mask(attn, call, q))
         if todo.refresh and todo.writes:
             cache.residual = o - todo.window(q, k, v)
-            cache.residual_cond_only = shared
+            cache.residual_cond_only = batched
     else:
         residual = runner.residual_for(todo, rows, o_rows=q.shape[0])
         o = todo.window(q, k, v) + residual
-    out = _output(attn, o, q.dtype)
-    if shared:
+    out = adapter.output(attn, o, call, text, q.dtype)
+    if batched:
         out = runner.copy_to_both_halves(out)
     if todo.writes:
-        if todo.recorder is not None and method == "full" and attention_mask is None:
-            _record(runner, todo, attn, q, k, v, o, out)
+        if todo.recorder is not None and method == "full" and call.attention_mask is None:
+            _record(runner, todo, adapter, attn, call, q, k, v, o, out)
+        if todo.keep:
+            cache.output = out
+    if shared and runner.cfg_mode == "separate":  # this step's unconditional call (or trial) returns it
+        cache.shared = out
+    return out
+
+
+def _from_conditional_call(todo: LayerStep) -> Outputs:
+    """``asc``/``wars_asc`` in the unconditional call of a separate-CFG step: the conditional
+    call's output; an ``asc`` refresh makes the conditional residual this call's too."""
+    partner = todo.partner
+    out = partner.shared if partner is not None else None
+    if out is None:
+        raise PlanError(
+            f"$.methods[{todo.step}][{todo.layer}]: {todo.method!r} has no conditional call's output "
+            "at this step to share"
+        )
+    if todo.writes:
+        cache = todo.cache
+        partner.shared = None
+        if todo.refresh:
+            cache.residual, cache.residual_cond_only = partner.residual, False
         if todo.keep:
             cache.output = out
     return out
@@ -107,39 +135,9 @@ def execute(
 
 @torch.compiler.disable
 def _record(
-    runner: Runner, todo: LayerStep, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    o: torch.Tensor, out: torch.Tensor,
+    runner: Runner, todo: LayerStep, adapter: Adapter, attn: Any, call: AttnCall,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, out: Outputs,
 ) -> None:
     """Hand a full layer-step to the recorder (always eager: recording is a calibration tool)."""
-    todo.recorder.record(runner, todo.layer, q, k, v, o, out, lambda x: _output(attn, x, q.dtype))
-
-
-def _project(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as ``[batch, heads, tokens, head_dim]``, as diffusers' own processor makes them."""
-    batch = x.shape[0]
-    query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-    head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    return query, key, value
-
-
-def _prepare_mask(attn: Any, mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    batch, tokens = q.shape[0], q.shape[2]
-    mask = attn.prepare_attention_mask(mask, tokens, batch)
-    return mask.view(batch, attn.heads, -1, mask.shape[-1])
-
-
-def _output(attn: Any, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    batch = o.shape[0]
-    out = o.transpose(1, 2).reshape(batch, -1, attn.heads * o.shape[-1]).to(dtype)
-    out = attn.to_out[0](out)
-    out = attn.to_out[1](out)
-    return out / attn.rescale_output_factor
+    project = lambda x: joined(adapter.output(attn, x, call, todo.text_tokens, q.dtype))  # noqa: E731
+    todo.recorder.record(runner, todo.layer, q, k, v, o, joined(out), project)

@@ -49,11 +49,13 @@ class Recorder:
         self.lags = lags
         self.reference: dict[tuple[int, int], float] = {}  # (step, layer) -> ||O_t||^2
         self.squared: dict[tuple[str, int, int, int], float] = {}  # (measure, step, layer, lag)
-        self._history: dict[int, deque[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        self._history: dict[tuple[int, int], deque[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        self._pending: dict[int, tuple[int, torch.Tensor, dict[int, torch.Tensor]]] = {}
 
     def reset(self) -> None:
         """Forget the cached history (a new generation starts); the sums stay."""
         self._history.clear()
+        self._pending.clear()
 
     def record(
         self,
@@ -66,31 +68,73 @@ class Recorder:
         out: torch.Tensor,
         project: Project,
     ) -> None:
-        """Measure one full layer-step: ``o`` per head, ``out = project(o)`` for the whole batch."""
+        """Measure one full layer-step: ``o`` per head, ``out = project(o)`` for the whole batch.
+
+        With CFG in separate calls each call keeps its own history; the conditional call's
+        ``wars`` outputs wait for the unconditional call of the same step, whose rows the
+        shared methods give the conditional call's outputs (``_record_shared``)."""
         step = runner.state.step
-        history = self._history.setdefault(layer, deque(maxlen=self.lags))
+        call = runner.state.call if runner.cfg_mode == "separate" else 0
+        history = self._history.setdefault((call, layer), deque(maxlen=self.lags))
         if history and history[-1][0] >= step:  # a new generation on the same recorder
             history.clear()
         window = runner.window_attention(q, k, v, layer)
         residual = o - window
         key = (step, layer)
         self.reference[key] = self.reference.get(key, 0.0) + _squared(out)
-        cfg = runner.cfg and o.shape[0] % 2 == 0
+        cfg = runner.cfg_mode == "batched" and o.shape[0] % 2 == 0
         rows = runner.cond_rows(o.shape[0]) if cfg else None
         both = runner.copy_to_both_halves
         if cfg:
             self._add("asc", step, layer, 0, both(out[rows]) - out)
+        wars_outputs = {}
         for earlier, out_s, residual_s in history:
             lag = step - earlier
             self._add("ast", step, layer, lag, out_s - out)
-            self._add("wars", step, layer, lag, project(window + residual_s) - out)
+            wars_outputs[earlier] = project(window + residual_s)
+            self._add("wars", step, layer, lag, wars_outputs[earlier] - out)
             if cfg:
                 cond_residual = residual_s[rows]
                 shared = project(window + both(cond_residual))
                 self._add("wars_after_asc", step, layer, lag, shared - out)
                 cond = project(window[rows] + cond_residual)
                 self._add("wars_asc", step, layer, lag, both(cond) - out)
+        if runner.cfg_mode == "separate":
+            self._record_shared(call, step, layer, window, out, project, wars_outputs)
         history.append((step, out.detach(), residual.detach()))
+
+    def _record_shared(
+        self,
+        call: int,
+        step: int,
+        layer: int,
+        window: torch.Tensor,
+        out: torch.Tensor,
+        project: Project,
+        wars_outputs: dict[int, torch.Tensor],
+    ) -> None:
+        """The shared methods with CFG in separate calls. The conditional call's rows get its
+        own results (``asc`` exact, ``wars_asc`` and ``wars_after_asc`` its ``wars``); the
+        unconditional call's rows get the conditional call's output (``asc``) or ``wars``
+        output (``wars_asc``), or its own window plus the conditional residual
+        (``wars_after_asc``: the residual an ``asc`` refresh hands over)."""
+        if call == 0:
+            for earlier, output in wars_outputs.items():
+                for measure in ("wars_asc", "wars_after_asc"):
+                    self._add(measure, step, layer, step - earlier, output - out)
+            self._pending[layer] = step, out.detach(), wars_outputs
+            return
+        pending = self._pending.pop(layer, None)
+        if pending is None or pending[0] != step:
+            return
+        _, cond_out, cond_wars = pending
+        self._add("asc", step, layer, 0, cond_out - out)
+        cond_history = {earlier: residual_s for earlier, _, residual_s in self._history.get((0, layer), ())}
+        for earlier, cond_output in cond_wars.items():
+            lag = step - earlier
+            self._add("wars_asc", step, layer, lag, cond_output - out)
+            if earlier in cond_history:
+                self._add("wars_after_asc", step, layer, lag, project(window + cond_history[earlier]) - out)
 
     def _add(self, measure: str, step: int, layer: int, lag: int, error: torch.Tensor) -> None:
         key = (measure, step, layer, lag)

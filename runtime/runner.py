@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runtime.windows import BoundKernel, bind_window
+from runtime.adapters import Adapter, Outputs, map_outputs
+from runtime.arrow import bind_arrow
 from runtime.recording import Recorder
 from runtime.schedule import COMPUTES_FULL, Schedule
 from runtime.state import GenerationState, LayerCache
+from runtime.windows import BoundKernel, bind_window
 from schemas import Layer, PlanError, WindowShape
 
 if TYPE_CHECKING:
@@ -23,11 +25,16 @@ if TYPE_CHECKING:
 class LayerStep:
     """What one layer does at one step, resolved eagerly by ``Runner.layer_step``.
 
-    Compiled code reads ``method``, ``refresh``, ``keep``, ``writes``, ``num_tokens``
-    and whether ``recorder`` is set as guards, ``cache``'s tensors as graph inputs, and
-    calls ``window``, the layer's kernel (``Runner.window_kernel``: one object for all
-    layers with the same window): none of them names the layer, so layers that do the
-    same thing share a graph. ``step`` and ``layer`` only go into error messages.
+    Compiled code reads ``method``, ``refresh``, ``keep``, ``writes``, ``num_tokens``,
+    ``text_tokens``, ``second`` and whether ``recorder`` is set as guards, ``cache``'s
+    (and ``partner``'s) tensors as graph inputs, and calls ``window``, the layer's kernel
+    (``Runner.window_kernel``: one object for all layers with the same window): none of
+    them names the layer, so layers that do the same thing share a graph. ``step`` and
+    ``layer`` only go into error messages.
+
+    ``second``: with CFG in separate calls, this is the step's unconditional call, whose
+    ``asc``/``wars_asc`` return the conditional call's output kept in ``partner`` (that
+    call's ``LayerCache`` of the layer).
     """
 
     method: str
@@ -37,6 +44,9 @@ class LayerStep:
     cache: LayerCache
     window: BoundKernel
     num_tokens: int | None  # what the plan expects, checked at every call
+    text_tokens: int  # text tokens of a joint layer's sequence, per the plan
+    second: bool
+    partner: LayerCache | None
     recorder: Recorder | None
     step: int
     layer: int
@@ -45,9 +55,12 @@ class LayerStep:
 class Runner:
     """Executes a ``Schedule`` on one transformer: the single executor of every method.
 
-    One transformer forward is one denoising step. During a trial (``trying``) the
-    processors read the caches but write none and the step does not advance. With a
-    ``recorder`` set, every ``full`` layer-step that writes is also measured by it.
+    One transformer forward is one denoising step, or, with ``cfg_mode`` ``separate``,
+    one of its two calls (conditional first, then unconditional, with the same timestep).
+    During a trial (``trying``) the processors read the caches but write none and the step
+    does not advance. With a ``recorder`` set, every ``full`` layer-step that writes is
+    also measured by it. ``adapters`` are the layers' processor families (default: plain
+    self-attention), whose joint layers' windows run as arrows.
     """
 
     def __init__(
@@ -61,11 +74,15 @@ class Runner:
         kernel: str = "auto",
         null_class: int | None = None,
         layers: list[Layer] | None = None,
+        cfg_mode: str | None = None,
+        adapters: list[Adapter] | None = None,
     ) -> None:
         self.schedule = schedule
         self.window = window
         self.cfg = cfg
         self.cfg_order = cfg_order
+        self.cfg_mode = cfg_mode or ("batched" if cfg else "none")
+        self.adapters = adapters
         self.num_tokens = num_tokens
         self.layers = layers
         self.null_class = null_class
@@ -85,15 +102,20 @@ class Runner:
 
     def layer_step(self, layer: int) -> LayerStep:
         """What ``layer`` does at the current step (with this trial's overrides)."""
-        step, schedule = self.state.step, self.schedule
+        state, schedule = self.state, self.schedule
+        step = state.step
+        second = self.cfg_mode == "separate" and state.call == 1
         return LayerStep(
             method=self.method(layer),
             refresh=schedule.refreshes_residual(step, layer),
             keep=schedule.keeps_output(step, layer),
             writes=not self.trial,
-            cache=self.state.cache(layer),
+            cache=state.cache(layer),
             window=self.window_kernel(layer),
             num_tokens=self.layers[layer].num_tokens if self.layers else self.num_tokens,
+            text_tokens=self.text_tokens(layer),
+            second=second,
+            partner=state.cache(layer, 0) if second else None,
             recorder=None if self.trial else self.recorder,
             step=step,
             layer=layer,
@@ -108,23 +130,34 @@ class Runner:
         finally:
             self.trial, self.overrides = False, {}
 
+    def text_tokens(self, layer: int) -> int:
+        """Text tokens in ``layer``'s attention sequence (0 but for joint layers)."""
+        return self.layers[layer].text_tokens if self.layers else 0
+
     def window_of(self, layer: int) -> WindowShape:
         """The window of ``layer``: a band half-width in its own tokens, or a tiled shape."""
         return self.layers[layer].window if self.layers else self.window
 
     def _bind_windows(self, kernel: str) -> list[BoundKernel]:
-        """Each layer's window kernel (``runtime/windows.py``), shared by layers with equal
-        windows; a tiled window that does not fit its layer is a ``PlanError`` here."""
+        """Each layer's window kernel (``runtime/windows.py``; an arrow, ``runtime/arrow.py``,
+        on joint layers), shared by layers with equal windows; a tiled window that does not
+        fit its layer is a ``PlanError`` here."""
         count = len(self.layers) if self.layers else len(self.schedule.methods[0])
-        bound: dict[tuple[WindowShape, int | None], BoundKernel] = {}
+        bound: dict[tuple[WindowShape, int | None, int, bool], BoundKernel] = {}
         kernels = []
         for layer in range(count):
-            window = self.window_of(layer)
+            window, text = self.window_of(layer), self.text_tokens(layer)
             tokens = self.layers[layer].num_tokens if self.layers else self.num_tokens
-            if (window, tokens) not in bound:
+            text_first = bool(self.adapters) and self.adapters[layer].text_first
+            key = (window, tokens, text, text_first)
+            if key not in bound:
                 field = f"$.layers[{layer}].window" if self.layers else "$.window"
-                bound[window, tokens] = bind_window(window, tokens, kernel, field)
-            kernels.append(bound[window, tokens])
+                bound[key] = (
+                    bind_arrow(window, tokens, text, text_first, kernel, field)
+                    if text
+                    else bind_window(window, tokens, kernel, field)
+                )
+            kernels.append(bound[key])
         return kernels
 
     def window_kernel(self, layer: int) -> BoundKernel:
@@ -139,7 +172,7 @@ class Runner:
     # -- CFG halves --------------------------------------------------------
     def cond_rows(self, batch: int) -> slice:
         """Rows of the conditional half in a CFG batch of ``batch`` rows."""
-        if not self.cfg or batch % 2:
+        if self.cfg_mode != "batched" or batch % 2:
             raise PlanError(
                 f"$.sampling.cfg: CFG sharing needs an even CFG batch, got {batch} rows "
                 f"with cfg={self.cfg}"
@@ -148,8 +181,8 @@ class Runner:
         return slice(half, batch) if self.cfg_order == "uncond_cond" else slice(0, half)
 
     @staticmethod
-    def copy_to_both_halves(cond: torch.Tensor) -> torch.Tensor:
-        return torch.cat([cond, cond], dim=0)
+    def copy_to_both_halves(cond: Outputs) -> Outputs:
+        return map_outputs(lambda x: torch.cat([x, x], dim=0), cond)
 
     # -- caches ------------------------------------------------------------
     def residual_for(self, todo: LayerStep, rows: slice, o_rows: int) -> torch.Tensor:
@@ -174,13 +207,18 @@ class Runner:
         return r
 
     # -- checks ------------------------------------------------------------
-    def check_tokens(self, layer: int, num_tokens: int) -> None:
+    def check_tokens(self, layer: int, num_tokens: int, text_tokens: int = 0) -> None:
         if self.layers:
-            expected = self.layers[layer].num_tokens
-            if num_tokens != expected:
+            entry = self.layers[layer]
+            if num_tokens != entry.num_tokens:
                 raise PlanError(
-                    f"$.layers[{layer}].num_tokens: plan has {expected} tokens, layer {layer} "
-                    f"({self.layers[layer].kind}) runs {num_tokens}"
+                    f"$.layers[{layer}].num_tokens: plan has {entry.num_tokens} tokens, layer {layer} "
+                    f"({entry.kind}) runs {num_tokens}"
+                )
+            if text_tokens != entry.text_tokens:
+                raise PlanError(
+                    f"$.layers[{layer}].text_tokens: plan has {entry.text_tokens} text tokens, layer {layer} "
+                    f"({entry.kind}) runs {text_tokens}"
                 )
         elif self.num_tokens is not None and num_tokens != self.num_tokens:
             raise PlanError(
@@ -189,20 +227,20 @@ class Runner:
             )
 
     def check_inputs(self, hidden_states: torch.Tensor, class_labels: Any) -> None:
-        """First-step checks: a CFG batch iff the plan uses CFG, in the plan's order."""
+        """First-step checks: a CFG batch iff CFG is batched, in the plan's order."""
         batch = hidden_states.shape[0]
         half = batch // 2
         is_cfg = batch % 2 == 0 and torch.equal(hidden_states[:half], hidden_states[half:])
-        if self.cfg and not is_cfg:
+        batched = self.cfg_mode == "batched"
+        if batched and not is_cfg:
             raise PlanError(
                 f"$.sampling.cfg: plan is calibrated with CFG but the batch of {batch} rows "
                 "is not two equal latent halves"
             )
-        if not self.cfg and is_cfg and batch > 1:
-            raise PlanError(
-                "$.sampling.cfg: plan is calibrated without CFG but the model runs a CFG batch"
-            )
-        if self.cfg and self.null_class is not None and torch.is_tensor(class_labels):
+        if not batched and is_cfg and batch > 1:
+            field, what = ("$.sampling.cfg_mode", "in separate calls") if self.cfg else ("$.sampling.cfg", "without CFG")
+            raise PlanError(f"{field}: plan is calibrated {what} but the model runs a CFG batch")
+        if batched and self.null_class is not None and torch.is_tensor(class_labels):
             labels = class_labels.reshape(-1)
             if labels.numel() == batch:
                 null_first = bool((labels[:half] == self.null_class).all())
@@ -214,12 +252,35 @@ class Runner:
                         f"are ordered {order!r}"
                     )
 
+    def _enter_call(self, key: Any) -> None:
+        """CFG in separate calls: a call with the previous call's timestep (``key``) is that
+        step's unconditional call, any other one starts a step; a step of one call, or of
+        three, is a ``PlanError``."""
+        state = self.state
+        same = key is not None and state.call_key is not None and _same(key, state.call_key)
+        if state.call == 1 and not same:
+            raise PlanError(
+                f"$.sampling.cfg_mode: step {state.step} ran one transformer call; 'separate' CFG runs "
+                "two per step (conditional, then unconditional, at the same timestep)"
+            )
+        if state.call == 0 and state.step > 0 and same:
+            raise PlanError(
+                f"$.sampling.cfg_mode: a third transformer call at step {state.step - 1}; 'separate' "
+                "CFG runs two per step"
+            )
+        state.call_key = key
+
     # -- transformer hooks -------------------------------------------------
-    def before_forward(self, hidden_states: torch.Tensor, class_labels: Any) -> None:
-        """Checks, then binds each processor's ``LayerStep`` for this step (eager code)."""
+    def before_forward(self, hidden_states: torch.Tensor, class_labels: Any, timestep: Any = None) -> None:
+        """Checks, then binds each processor's ``LayerStep`` for this call (eager code).
+
+        ``timestep`` tells the calls of a step apart with CFG in separate calls (the
+        latents stand in when it is not given)."""
         state = self.state
         if state.in_forward:  # the previous forward raised: that generation is over
             state.reset()
+        if not self.trial and self.cfg_mode == "separate":
+            self._enter_call(hidden_states if timestep is None else timestep)
         if state.step >= self.schedule.num_steps:
             raise PlanError(
                 f"$.sampling.num_steps: plan has {self.schedule.num_steps} steps, this is "
@@ -240,7 +301,10 @@ class Runner:
             processor.bound = None
 
     def after_forward(self) -> None:
-        """Counts what ran, notes the peak cache bytes, frees caches no later step reads."""
+        """Counts what ran, notes the peak cache bytes, frees caches no later step reads.
+
+        With CFG in separate calls, a step is counted once, after its second call, over
+        the rows of both calls."""
         state = self.state
         state.in_forward = False
         self.unbind()
@@ -250,12 +314,10 @@ class Runner:
         row = schedule.methods[step]
         stores = []
         for layer, method in enumerate(row):
-            cache = state.cache(layer)
-            if not cache.rows:  # did not run at this step (the planner runs chunks itself)
+            if not state.cache(layer).rows:  # did not run (the planner runs chunks itself)
                 continue
             refreshed = method in COMPUTES_FULL and schedule.refreshes_residual(step, layer)
             kept = method != "ast" and schedule.keeps_output(step, layer)
-            state.count(method, cache.rows, cache.tokens, self.window_of(layer), refreshed)
             stores.append((layer, refreshed, kept))
         state.note_stores(stores)
         for layer in range(len(row)):
@@ -265,7 +327,26 @@ class Runner:
                 cache.residual = None
             if free_output:
                 cache.output = None
+        if self.cfg_mode == "separate" and state.call == 0:
+            state.call = 1
+            return
+        for layer, refreshed, _ in stores:
+            rows = sum(state.cache(layer, call).rows for call in range(state.call + 1))
+            state.count(
+                row[layer], rows, state.cache(layer).tokens, self.window_of(layer), refreshed,
+                self.text_tokens(layer),
+            )
+        state.call = 0
         if step == 0:
             state.stats.generations += 1
         state.stats.steps += 1
         state.step += 1
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two timesteps (tensors or numbers) are equal."""
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and bool(torch.equal(a, b.to(a.device)))
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return False
+    return a == b

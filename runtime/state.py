@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from schemas import METHODS, method_cost
+from runtime.adapters import Outputs
+from schemas import METHODS, WindowShape, method_cost
 
 
 @dataclass
@@ -61,15 +62,20 @@ class Residual:
     cond_only: bool
 
 
-def _nbytes(t: torch.Tensor | None) -> int:
+def _nbytes(t: Outputs | None) -> int:
+    if isinstance(t, tuple):
+        return sum(map(_nbytes, t))
     return 0 if t is None else t.numel() * t.element_size()
 
 
 class LayerCache:
     """One layer's caches in one generation, as plain attributes.
 
-    ``output``: the attention output kept for a later ``ast`` step; ``residual`` (and
-    ``residual_cond_only``): the residual kept for later ``wars``/``wars_asc`` steps.
+    ``output``: the attention output kept for a later ``ast`` step (a joint layer's
+    outputs as a tuple); ``residual`` (and ``residual_cond_only``): the residual kept for
+    later ``wars``/``wars_asc`` steps; ``shared``: with CFG in separate calls, the
+    conditional call's output of an ``asc``/``wars_asc`` step, which the unconditional
+    call of the same step returns.
     ``rows``/``tokens``: the attention batch and sequence length of the layer's call at
     the current step (0 until it runs), which the statistics weigh it by.
 
@@ -78,9 +84,10 @@ class LayerCache:
     """
 
     def __init__(self) -> None:
-        self.output: torch.Tensor | None = None
+        self.output: Outputs | None = None
         self.residual: torch.Tensor | None = None
         self.residual_cond_only = False
+        self.shared: Outputs | None = None  # separate CFG: this conditional call's output for the next call
         self.rows = 0
         self.tokens = 0
 
@@ -88,35 +95,49 @@ class LayerCache:
         return _nbytes(self.residual)
 
     def output_bytes(self) -> int:
-        return _nbytes(self.output)
+        return _nbytes(self.output) + _nbytes(self.shared)
 
 
 class GenerationState:
-    """Caches and step counter of one generation; ``reset`` starts the next one."""
+    """Caches and step counter of one generation; ``reset`` starts the next one.
+
+    With CFG in separate calls a step is two transformer calls, conditional first:
+    ``call`` is the call of the current step (0 or 1), each with its own caches
+    (``calls[call][layer]``); ``call_key`` is the timestep of the last conditional call,
+    which tells a step's second call from the next step's first.
+    """
 
     def __init__(self) -> None:
-        self.step = 0
-        self.in_forward = False
-        self.checked_inputs = False
-        self.caches: list[LayerCache] = []
         self.stats = RunStats()
-        self._bytes_before: list[tuple[int, int]] = []
+        self.reset()
 
     def reset(self) -> None:
         self.step = 0
+        self.call = 0
+        self.call_key: object = None
         self.in_forward = False
         self.checked_inputs = False
-        self.caches = []
-        self._bytes_before = []
+        self.calls: list[list[LayerCache]] = [[]]
+        self._bytes_before: list[tuple[int, int]] = []
+        self._total_before = 0
 
-    def cache(self, layer: int) -> LayerCache:
-        """The caches of ``layer`` (made on first use)."""
-        while len(self.caches) <= layer:
-            self.caches.append(LayerCache())
-        return self.caches[layer]
+    def cache(self, layer: int, call: int | None = None) -> LayerCache:
+        """The caches of ``layer`` in ``call`` (default: the current call), made on first use."""
+        call = self.call if call is None else call
+        while len(self.calls) <= call:
+            self.calls.append([])
+        caches = self.calls[call]
+        while len(caches) <= layer:
+            caches.append(LayerCache())
+        return caches[layer]
 
     @property
-    def outputs(self) -> dict[int, torch.Tensor]:
+    def caches(self) -> list[LayerCache]:
+        """The first (or only) call's caches by layer."""
+        return self.calls[0]
+
+    @property
+    def outputs(self) -> dict[int, Outputs]:
         """The kept ``ast`` outputs by layer (a view for inspection)."""
         return {i: c.output for i, c in enumerate(self.caches) if c.output is not None}
 
@@ -130,25 +151,25 @@ class GenerationState:
         }
 
     def cache_bytes(self) -> int:
-        return sum(c.residual_bytes() + c.output_bytes() for c in self.caches)
+        return sum(c.residual_bytes() + c.output_bytes() for caches in self.calls for c in caches)
 
     def step_started(self, layers: int) -> None:
-        """Before a step's forward: no layer has run yet; remember what the caches hold."""
+        """Before a call's forward: no layer has run yet; remember what the caches hold."""
         for layer in range(layers):
             self.cache(layer).rows = 0
-        self._bytes_before = [(c.residual_bytes(), c.output_bytes()) for c in self.caches]
+        self._bytes_before = [(c.residual_bytes(), c.output_bytes()) for c in self.calls[self.call]]
+        self._total_before = self.cache_bytes()
 
     def note_stores(self, stores: list[tuple[int, bool, bool]]) -> None:
-        """After a step's forward: the peak cache bytes as the step's stores happened.
+        """After a call's forward: the peak cache bytes as the call's stores happened.
 
         ``stores`` is ``(layer, stored residual, stored output)`` in the order the layers
-        ran; each store replaces what that layer held before, as it did during the step.
+        ran; each store replaces what that layer held before, as it did during the call.
         """
         before = self._bytes_before
-        total = sum(r + o for r, o in before)
-        peak = total
+        total = peak = self._total_before
         for layer, residual, output in stores:
-            cache = self.caches[layer]
+            cache = self.cache(layer)
             old_residual, old_output = before[layer] if layer < len(before) else (0, 0)
             if residual:
                 total += cache.residual_bytes() - old_residual
@@ -159,14 +180,18 @@ class GenerationState:
         if stores:
             self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, peak)
 
-    def count(self, method: str, rows: int, num_tokens: int, window: int, refreshed: bool) -> None:
-        """Record one layer-step: ``rows`` attention sequences of ``num_tokens`` tokens."""
+    def count(
+        self, method: str, rows: int, num_tokens: int, window: WindowShape, refreshed: bool, text_tokens: int = 0
+    ) -> None:
+        """Record one layer-step: ``rows`` attention sequences of ``num_tokens`` image tokens
+        (and ``text_tokens`` text tokens of a joint layer)."""
         stats = self.stats
-        full = rows * num_tokens * num_tokens
+        total = num_tokens + text_tokens
+        full = rows * total * total
         stats.method_counts[method] += 1
         stats.full_attention_flops += full
-        stats.attention_flops += full * method_cost(method, num_tokens, window)
+        stats.attention_flops += full * method_cost(method, num_tokens, window, text_tokens)
         if refreshed:
             stats.residual_refreshes += 1
             share = 0.5 if method == "asc" else 1.0
-            stats.attention_flops += full * share * method_cost("wars", num_tokens, window)
+            stats.attention_flops += full * share * method_cost("wars", num_tokens, window, text_tokens)

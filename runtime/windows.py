@@ -73,7 +73,8 @@ class TileIndex:
     ``order``: the tokens in tile order (``None`` when that is the token order, ``tiles1d``);
     ``keys``: per query tile, the tokens of the tiles it sees (``tiles × seen × tile``), in
     tile order (``None`` when every tile sees only itself: the keys are the queries' tiles);
-    ``inverse``: where each token sits in tile order.
+    ``inverse``: where each token sits in tile order; ``text``: keys every tile sees besides
+    its tiles (an arrow window's text tokens, at the end of each tile's ``keys``).
     """
 
     tiles: int  # query tiles
@@ -82,6 +83,7 @@ class TileIndex:
     order: torch.Tensor | None
     keys: torch.Tensor | None
     inverse: torch.Tensor | None
+    text: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -89,7 +91,9 @@ class TileIndex:
 
     def to(self, device: torch.device) -> TileIndex:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return TileIndex(self.tiles, self.tile, self.seen, move(self.order), move(self.keys), move(self.inverse))
+        return TileIndex(
+            self.tiles, self.tile, self.seen, move(self.order), move(self.keys), move(self.inverse), self.text
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -151,6 +155,8 @@ def tiled_window_attention(
 ) -> torch.Tensor:
     """Exact tiled window attention: queries in tile order, each tile's keys and values
     gathered into one slab, one unmasked SDPA call with the tiles folded into the batch.
+    ``k`` and ``v`` may hold more tokens than ``q`` (an arrow's joint sequence): the
+    index's ``keys`` say which of them each tile sees.
 
     Tokens are gathered as whole rows of ``heads * dim`` values, and every tensor SDPA
     sees is in the processor's ``[batch, tokens, heads, dim]`` layout, as full attention's.
@@ -159,12 +165,12 @@ def tiled_window_attention(
     """
     b, h, n, d = q.shape
     dv = v.shape[-1]
-    t, tiles, keys = index.tile, index.tiles, index.tile * index.seen
+    t, tiles, keys = index.tile, index.tiles, index.tile * index.seen + index.text
     q_tiles = _gather(_token_rows(q), index.order, "q", scratch)
     key_index = index.order if index.keys is None else index.keys
     k_tiles = _gather(_token_rows(k), key_index, "k", scratch)
     v_tiles = _gather(_token_rows(v), key_index, "v", scratch)
-    q_tiles = q_tiles.view(b * tiles, t, h, d).transpose(1, 2)
+    q_tiles = q_tiles.reshape(b * tiles, t, h, d).transpose(1, 2)
     k_tiles = k_tiles.view(b * tiles, keys, h, d).transpose(1, 2)
     v_tiles = v_tiles.view(b * tiles, keys, h, dv).transpose(1, 2)
     out = full_attention(q_tiles, k_tiles, v_tiles).transpose(1, 2).reshape(b, n, h * dv)
@@ -183,8 +189,12 @@ class TiledKernel:
 
     def __init__(self, window: Tiles1d | Tiles2d | Tiles3d, num_tokens: int) -> None:
         self.window, self.num_tokens = window, num_tokens
-        self.index = tile_index(window, num_tokens)
+        self.index = self.index_on(None)
         self._buffers: dict[str, torch.Tensor] = {}
+
+    def index_on(self, device: torch.device | None) -> TileIndex:
+        """The gather indices on ``device``."""
+        return tile_index(self.window, self.num_tokens, device)
 
     def _scratch(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         need = math.prod(shape)
@@ -199,7 +209,7 @@ class TiledKernel:
                 f"window {window_name(self.window)}: fits {self.num_tokens} tokens, the layer runs {q.shape[-2]}"
             )
         if self.index.device != q.device:
-            self.index = tile_index(self.window, self.num_tokens, q.device)
+            self.index = self.index_on(q.device)
         reuse = (
             q.device.type == "cpu"
             and not torch.compiler.is_compiling()
@@ -277,6 +287,13 @@ def bind_window(
     kernel for every name but ``dense`` (one masked call). A tiled window that does not
     fit the layer is a ``PlanError`` naming ``field``.
     """
+    check_fits(window, num_tokens, kernel, field)
+    return shape_of(window).bind(window, num_tokens or 0, kernel)
+
+
+def check_fits(window: WindowShape, num_tokens: int | None, kernel: str, field: str) -> None:
+    """Refuse an unknown kernel name (``ValueError``) or a tiled window that does not fit
+    a layer of ``num_tokens`` tokens (``PlanError`` naming ``field``)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: unknown window kernel {kernel!r}; choose from {KERNELS}")
     if isinstance(window, TILED):
@@ -285,4 +302,3 @@ def bind_window(
         problem = tiles_problem(window, num_tokens)
         if problem is not None:
             raise PlanError(f"{field}.{problem}")
-    return shape_of(window).bind(window, num_tokens or 0, kernel)

@@ -18,13 +18,15 @@ from msgspec import Meta, Struct
 from schemas.latency import Latency, check_latency, time_fraction
 from schemas.windows import TILED, Tiles1d, Tiles2d, Tiles3d, tiled_name, tiled_pairs, tiles_problem
 
-SCHEMA_VERSION = 2  # 2: tiled windows (schemas/windows.py)
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # 2: tiled windows (schemas/windows.py); 3: joint layers, CFG modes
+READABLE_VERSIONS = (1, 2, 3)
 
 Method = Literal["full", "wars", "ast", "asc", "wars_asc"]
 METHODS: tuple[str, ...] = ("full", "wars", "ast", "asc", "wars_asc")
 CfgOrder = Literal["uncond_cond", "cond_uncond"]
-LayerKind = Literal["spatial", "temporal"]
+CfgMode = Literal["batched", "separate", "none"]
+CFG_MODES: tuple[str, ...] = ("batched", "separate", "none")
+LayerKind = Literal["spatial", "temporal", "joint"]
 
 # Limits on declared sizes and settings: decoding refuses a value past them before
 # anything is built from it (a hostile file cannot make the checks allocate).
@@ -51,6 +53,7 @@ NumLayers = Annotated[int, Meta(ge=1, le=MAX_LAYERS)]
 NumHeads = Annotated[int, Meta(ge=1, le=MAX_HEADS)]
 HeadDim = Annotated[int, Meta(ge=1, le=MAX_HEAD_DIM)]
 NumTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
+TextTokens = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
 Frames = Annotated[int, Meta(ge=1, le=MAX_FRAMES)]
 Side = Annotated[int, Meta(ge=1, le=MAX_SIDE)]
 Window = Annotated[int, Meta(ge=0, le=MAX_WINDOW)]
@@ -86,38 +89,52 @@ class ModelInfo(Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Tokens(Struct, forbid_unknown_fields=True, frozen=True):
-    """Image tokens N (per frame for video), the size that gave them, and the frame count."""
+    """Image tokens N (per frame for video), the size that gave them, the frame count, and
+    the text tokens of a joint (MMDiT) model's attention sequence (schema version 3)."""
 
     num_tokens: NumTokens
     height: Side | None = None
     width: Side | None = None
     frames: Frames | None = None
+    text_tokens: NumTokens | None = None
 
 
 class Layer(Struct, forbid_unknown_fields=True, frozen=True):
-    """One self-attention layer of a video DiT.
+    """One self-attention layer of a video or joint-attention DiT.
 
     A ``spatial`` layer attends over the ``num_tokens`` image tokens of each frame
     (``sequences`` = frames per sample); a ``temporal`` layer attends over the frames
-    of each token position (``num_tokens`` = frames, ``sequences`` = image tokens).
+    of each token position (``num_tokens`` = frames, ``sequences`` = image tokens); a
+    ``joint`` layer (MMDiT, schema version 3) attends over the ``num_tokens`` image
+    tokens and ``text_tokens`` text tokens together.
     ``window`` is this layer's window: a band half-width in its own tokens (frames for
-    temporal layers, which always keep a band), or a tiled shape of a spatial layer.
+    temporal layers, which always keep a band), or a tiled shape of a spatial layer. On a
+    joint layer it is an arrow: image queries see the window over the image tokens plus
+    every text token, text queries see every token.
     """
 
     kind: LayerKind
     num_tokens: NumTokens
     window: WindowShape
     sequences: Sequences = 1
+    text_tokens: TextTokens = 0
 
 
 class Sampling(Struct, forbid_unknown_fields=True, frozen=True):
-    """How the pipeline samples: scheduler, step count and classifier-free guidance."""
+    """How the pipeline samples: scheduler, step count and classifier-free guidance.
+
+    ``cfg_mode`` (schema version 3) says how CFG runs: ``batched`` (one transformer call
+    per step, both halves in its batch, in ``cfg_order``), ``separate`` (two calls per
+    step, conditional first) or ``none``. Absent, it is ``batched`` when ``cfg`` is on,
+    else ``none`` (``cfg_mode_of``).
+    """
 
     scheduler: Annotated[str, Meta(min_length=1)]
     num_steps: NumSteps
     cfg: bool
     cfg_order: CfgOrder | None = None
     guidance_scale: GuidanceScale | None = None
+    cfg_mode: CfgMode | None = None
 
 
 class Calibration(Struct, forbid_unknown_fields=True, frozen=True):
@@ -178,6 +195,13 @@ def with_latency(plan: Plan, latency: Latency | None) -> Plan:
     return msgspec.structs.replace(plan, latency=latency, summary=summary)
 
 
+def cfg_mode_of(sampling: Sampling) -> str:
+    """The CFG mode: ``sampling.cfg_mode``, else ``batched`` with CFG and ``none`` without."""
+    if sampling.cfg_mode is not None:
+        return sampling.cfg_mode
+    return "batched" if sampling.cfg else "none"
+
+
 def plan_layers(plan: Plan) -> list[Layer]:
     """Every layer's kind, tokens and window; image plans give uniform spatial layers."""
     if plan.layers is not None:
@@ -193,13 +217,17 @@ class _Header(Struct):
 # derived figures
 
 
-def window_pairs(num_tokens: int, window: WindowShape) -> int:
-    """Number of (query, key) pairs inside the window over N tokens: for a band of half-width
-    ``w``, those with ``|i - j| <= w``; for a tiled shape, N times the keys of each query."""
+def window_pairs(num_tokens: int, window: WindowShape, text_tokens: int = 0) -> int:
+    """Number of (query, key) pairs inside the window over N image tokens: for a band of
+    half-width ``w``, those with ``|i - j| <= w``; for a tiled shape, N times the keys of
+    each query. With ``T = text_tokens`` the window is an arrow over the joint sequence:
+    the image pairs, plus N x T image-to-text pairs, plus T x (N + T) for the text queries."""
     if isinstance(window, TILED):
-        return tiled_pairs(window, num_tokens)
-    n, w = num_tokens, min(window, num_tokens - 1)
-    return n * (2 * w + 1) - w * (w + 1)
+        image = tiled_pairs(window, num_tokens)
+    else:
+        n, w = num_tokens, min(window, num_tokens - 1)
+        image = n * (2 * w + 1) - w * (w + 1)
+    return image + num_tokens * text_tokens + text_tokens * (num_tokens + text_tokens)
 
 
 def window_name(window: WindowShape) -> str:
@@ -207,15 +235,18 @@ def window_name(window: WindowShape) -> str:
     return tiled_name(window) if isinstance(window, TILED) else f"band:{window}"
 
 
-def method_cost(method: str, num_tokens: int, window: WindowShape) -> float:
-    """Attention FLOPs of one layer-step under ``method``, as a fraction of full attention."""
-    band = window_pairs(num_tokens, window) / (num_tokens * num_tokens)
+def method_cost(method: str, num_tokens: int, window: WindowShape, text_tokens: int = 0) -> float:
+    """Attention FLOPs of one layer-step under ``method``, as a fraction of full attention
+    (over the joint sequence of ``num_tokens + text_tokens`` tokens)."""
+    total = num_tokens + text_tokens
+    band = window_pairs(num_tokens, window, text_tokens) / (total * total)
     return {"full": 1.0, "asc": 0.5, "wars": band, "wars_asc": band / 2, "ast": 0.0}[method]
 
 
 def layer_weight(layer: Layer) -> int:
     """Full attention FLOPs of one layer per sample, in units of query-key pairs."""
-    return layer.sequences * layer.num_tokens * layer.num_tokens
+    total = layer.num_tokens + layer.text_tokens
+    return layer.sequences * total * total
 
 
 def summarize(
@@ -229,7 +260,8 @@ def summarize(
             counts[m] += 1
             if layers is not None and i < len(layers):
                 weight = layer_weight(layers[i])
-                kept += weight * method_cost(m, layers[i].num_tokens, layers[i].window)
+                layer = layers[i]
+                kept += weight * method_cost(m, layer.num_tokens, layer.window, layer.text_tokens)
             else:
                 weight = 1
                 kept += method_cost(m, num_tokens, window)
@@ -366,8 +398,7 @@ def check_plan(plan: Plan) -> None:
             f"$.methods[{t}][{i}]: {plan.methods[t][i]!r} shares across CFG halves "
             "but sampling.cfg is false"
         )
-    if plan.sampling.cfg and plan.sampling.cfg_order is None:
-        raise PlanError("$.sampling.cfg_order: required when sampling.cfg is true")
+    _check_cfg(plan)
     if plan.losses is not None:
         if len(plan.losses) != steps or any(len(r) != layers for r in plan.losses):
             raise PlanError("$.losses: must have the same steps x layers shape as $.methods")
@@ -441,22 +472,51 @@ def _check_shapes(plan: Plan) -> None:
             )
 
 
+def _check_cfg(plan: Plan) -> None:
+    """``cfg_mode`` (version 3) against ``cfg`` and ``cfg_order``."""
+    sampling = plan.sampling
+    mode = cfg_mode_of(sampling)
+    if sampling.cfg_mode is not None and plan.schema_version < 3:
+        raise PlanError(f"$.sampling.cfg_mode: needs schema_version 3 (got {plan.schema_version})")
+    if sampling.cfg != (mode != "none"):
+        state = "true" if sampling.cfg else "false"
+        raise PlanError(f"$.sampling.cfg_mode: {mode!r} does not fit sampling.cfg = {state}")
+    if mode == "batched" and sampling.cfg_order is None:
+        raise PlanError("$.sampling.cfg_order: required when sampling.cfg is true and CFG is batched")
+    if mode == "separate" and sampling.cfg_order is not None:
+        raise PlanError("$.sampling.cfg_order: must be null with cfg_mode 'separate' (one call per CFG half)")
+
+
 def _check_layers(plan: Plan) -> None:
+    tokens = plan.tokens
+    joint = [i for i, layer in enumerate(plan.layers or ()) if layer.kind == "joint"]
+    if tokens.text_tokens is not None:
+        if plan.schema_version < 3:
+            raise PlanError(f"$.tokens.text_tokens: needs schema_version 3 (got {plan.schema_version})")
+        if not joint:
+            raise PlanError("$.tokens.text_tokens: set, but no layer of $.layers is joint")
     if plan.layers is None:
         return
     if len(plan.layers) != plan.model.num_layers:
         raise PlanError(
             f"$.layers: {len(plan.layers)} entries, model.num_layers is {plan.model.num_layers}"
         )
-    frames = plan.tokens.frames
+    if joint and plan.schema_version < 3:
+        raise PlanError(f"$.layers[{joint[0]}].kind: joint layers need schema_version 3 (got {plan.schema_version})")
+    if joint and tokens.text_tokens is None:
+        raise PlanError(f"$.tokens.text_tokens: required by the joint layer {joint[0]}")
+    sources = {"spatial": "tokens.num_tokens", "joint": "tokens.num_tokens", "temporal": "tokens.frames"}
     for i, layer in enumerate(plan.layers):
-        expected = plan.tokens.num_tokens if layer.kind == "spatial" else frames
+        expected = tokens.frames if layer.kind == "temporal" else tokens.num_tokens
         if layer.num_tokens != expected:
-            source = "tokens.num_tokens" if layer.kind == "spatial" else "tokens.frames"
             raise PlanError(
-                f"$.layers[{i}].num_tokens: a {layer.kind} layer attends over {source} = "
+                f"$.layers[{i}].num_tokens: a {layer.kind} layer attends over {sources[layer.kind]} = "
                 f"{expected}, got {layer.num_tokens}"
             )
+        text = tokens.text_tokens if layer.kind == "joint" else 0
+        if layer.text_tokens != text:
+            what = f"tokens.text_tokens = {text}" if text else "no text tokens"
+            raise PlanError(f"$.layers[{i}].text_tokens: a {layer.kind} layer has {what}, got {layer.text_tokens}")
 
 
 def json_schema() -> dict[str, Any]:

@@ -64,8 +64,8 @@ from schemas.plan import (
     summarize,
 )
 
-PROFILE_SCHEMA_VERSION = 2  # 2: tiled windows (schemas/windows.py)
-PROFILE_READABLE_VERSIONS = (1, 2)
+PROFILE_SCHEMA_VERSION = 3  # 2: tiled windows (schemas/windows.py); 3: joint layers, CFG modes
+PROFILE_READABLE_VERSIONS = (1, 2, 3)
 PROFILE_FORMAT = "ditfastattn-profile"
 
 Distance = Annotated[float, Meta(ge=0.0)] | None

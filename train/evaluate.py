@@ -2,11 +2,12 @@
 
     .venv/bin/python -m train.evaluate dit-digits --per-digit 10
     .venv/bin/python -m train.evaluate pixart-digits --per-digit 10 --phrasings heldout --locality
+    .venv/bin/python -m train.evaluate sd3-digits --per-digit 10
 
 Samples are generated through the stock pipeline loaded by :func:`planner.embedded.load_embedded`
-(20 DPM-Solver steps and the model's default guidance unless overridden), image i with seed
-``seed + i``. Locality: for every self-attention layer, the attention mass a query puts on its
-3×3 token neighbourhood and on the w = N/8 band, each divided by what uniform attention would give.
+(the model's default steps and guidance unless overridden), image i with seed ``seed + i``.
+Locality (DiT and PixArt): for every self-attention layer, the attention mass a query puts on
+its 3×3 token neighbourhood and on the w = N/8 band, each divided by what uniform attention would give.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from planner import yardstick
-from planner.embedded import embedded_model, generate, load_embedded
+from planner.embedded import EMBEDDED_MODELS, embedded_model, generate, load_embedded
 from train.data import DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption
 
 
@@ -64,7 +65,7 @@ class LocalityProbe:
 
 
 def prompts_for(name: str, per_digit: int, phrasings: str) -> tuple[list[Any], list[int]]:
-    """``per_digit`` prompts for each digit 0–9 (class ids for DiT, captions for PixArt)."""
+    """``per_digit`` prompts for each digit 0–9 (class ids for DiT, captions for the others)."""
     digits = [d for d in range(10) for _ in range(per_digit)]
     if embedded_model(name).pipeline == "DiTPipeline":
         return list(digits), digits
@@ -88,9 +89,9 @@ def save_grid(images: np.ndarray, per_row: int, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=["dit-digits", "pixart-digits"])
+    parser.add_argument("name", choices=list(EMBEDDED_MODELS))
     parser.add_argument("--per-digit", type=int, default=10)
-    parser.add_argument("--phrasings", choices=["heldout", "train"], default="heldout", help="PixArt captions")
+    parser.add_argument("--phrasings", choices=["heldout", "train"], default="heldout", help="caption models")
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=1000)
@@ -104,6 +105,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = embedded_model(args.name)
+    if args.locality and model.pipeline not in ("DiTPipeline", "PixArtSigmaPipeline"):
+        parser.error("--locality probes DiT and PixArt self-attention only")
     if args.folder is None:
         pipe = load_embedded(args.name)
     else:
@@ -115,7 +118,7 @@ def main() -> None:
     prompts, digits = prompts_for(args.name, args.per_digit, args.phrasings)
     overrides: dict[str, Any] = {}
     if args.guidance is not None:
-        overrides["guidance_scale"] = args.guidance
+        overrides[model.guidance_arg] = args.guidance
     if args.steps is not None:
         overrides["num_inference_steps"] = args.steps
 
@@ -135,10 +138,10 @@ def main() -> None:
     predicted = yardstick.classify(images)
     wanted = np.asarray(digits)
     per_digit = [float((predicted[wanted == d] == d).mean()) for d in range(10)]
-    guidance = overrides.get("guidance_scale", model.guidance)
+    guidance = overrides.get(model.guidance_arg, model.guidance)
     steps = overrides.get("num_inference_steps", model.steps)
     print(f"{args.name}: {len(images)} samples, guidance {guidance}, {steps} steps, {elapsed:.0f}s")
-    if model.pipeline == "PixArtSigmaPipeline":
+    if model.pipeline != "DiTPipeline":
         print(f"captions: {args.phrasings} phrasings, e.g. {prompts[0]!r}, {prompts[-1]!r}")
     print(f"accuracy {yardstick.accuracy(images, digits):.3f}")
     print("per digit " + " ".join(f"{DIGIT_WORDS[d]}:{a:.2f}" for d, a in enumerate(per_digit)))

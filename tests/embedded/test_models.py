@@ -12,14 +12,16 @@ from PIL import Image
 
 from planner import yardstick
 from planner.embedded import EMBEDDED_MODELS, embedded_model, generate, load_embedded
+from runtime.apply import self_attention_layers
 from train.data import DIGIT_WORDS, heldout_captions, train_captions
 
 ACCURACY_MARGIN = 0.15  # 20 seeded samples may miss up to 3 more than the 100-sample card rate
+CAPTIONED = [name for name, model in EMBEDDED_MODELS.items() if model.pipeline != "DiTPipeline"]
 
 
 @pytest.fixture(scope="module")
 def pipes() -> dict[str, object]:
-    """Both pipelines, loaded with HF_HUB_OFFLINE=1 and every socket connection refused."""
+    """Every pipeline, loaded with HF_HUB_OFFLINE=1 and every socket connection refused."""
     def refuse(*args: object, **kwargs: object) -> None:
         raise OSError("network access during offline model loading")
 
@@ -35,7 +37,7 @@ def pipes() -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def samples(pipes: dict[str, object]) -> dict[str, np.ndarray]:
-    """20 seeded samples per model: DiT two per class, PixArt one per held-out caption."""
+    """20 seeded samples per model: DiT two per class, the caption models one per held-out caption."""
     out = {}
     for name, pipe in pipes.items():
         model = embedded_model(name)
@@ -55,12 +57,21 @@ def test_loaded_pipeline_matches_its_facts(pipes: dict[str, object], name: str) 
     pipe, model = pipes[name], embedded_model(name)
     assert type(pipe).__name__ == model.pipeline
     cfg = pipe.transformer.config
-    assert (cfg.sample_size // cfg.patch_size) ** 2 == model.tokens >= 256
+    side = model.height // 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # latent side
+    assert model.height == model.width and cfg.get("sample_size", side) == side
+    patch = 2 if model.pipeline == "FluxPipeline" else cfg.patch_size  # FLUX packs 2×2 latent patches
+    assert (side // patch) ** 2 == model.tokens >= 64
     assert model.window == model.tokens // 8
-    assert len(pipe.transformer.transformer_blocks) == model.layers
-    assert cfg.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1) == model.height == model.width
+    assert len(self_attention_layers(pipe.transformer)) == model.layers
     assert pipe.transformer.dtype == torch.float32
     assert model.steps == 20 and model.guidance > 1
+
+
+@pytest.mark.parametrize("name", list(EMBEDDED_MODELS))
+def test_weights_are_at_most_20_mb(name: str) -> None:
+    folder = embedded_model(name).folder
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20, size
 
 
 @pytest.mark.parametrize("name", list(EMBEDDED_MODELS))
@@ -74,7 +85,8 @@ def test_samples_reach_card_accuracy(samples: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(EMBEDDED_MODELS))
-def test_cfg_order_fact_matches_the_stock_pipeline(pipes: dict[str, object], name: str) -> None:
+def test_cfg_facts_match_the_stock_pipeline(pipes: dict[str, object], name: str) -> None:
+    """Batched CFG rows come in ``cfg_order``; FLUX's true CFG runs the "" prompt in a second call."""
     pipe, model = pipes[name], embedded_model(name)
     seen: list[dict] = []
 
@@ -86,13 +98,24 @@ def test_cfg_order_fact_matches_the_stock_pipeline(pipes: dict[str, object], nam
         generate(pipe, name, model.calibration_prompts[:2], seed=0, num_inference_steps=2, output_type="latent")
     finally:
         handle.remove()
+    if model.cfg_mode == "separate":
+        assert model.cfg_order is None and len(seen) == 4
+        cond, uncond = seen[0]["encoder_hidden_states"], seen[1]["encoder_hidden_states"]
+        assert len(seen[0]["hidden_states"]) == len(seen[1]["hidden_states"]) == 2
+        assert not torch.equal(cond[0], cond[-1]) and torch.equal(uncond[0], uncond[-1])
+        return
+    assert len(seen) == 2
     if model.pipeline == "DiTPipeline":
         labels = seen[0]["class_labels"]
         null_second = bool((labels[2:] == 1000).all()) and not bool((labels[:2] == 1000).any())
         assert model.cfg_order == ("cond_uncond" if null_second else "uncond_cond")
-    else:
+    elif seen[0].get("encoder_attention_mask") is not None:
         tokens_per_row = seen[0]["encoder_attention_mask"].sum(dim=1)
         empty_first = bool((tokens_per_row[:2] == 1).all()) and bool((tokens_per_row[2:] > 1).all())
+        assert model.cfg_order == ("uncond_cond" if empty_first else "cond_uncond")
+    else:  # no mask (SD3): the two "" rows are identical, the two captions are not
+        text = seen[0]["encoder_hidden_states"]
+        empty_first = torch.equal(text[0], text[1]) and not torch.equal(text[2], text[3])
         assert model.cfg_order == ("uncond_cond" if empty_first else "cond_uncond")
 
 
@@ -106,18 +129,28 @@ def test_generation_is_reproducible_per_seed(pipes: dict[str, object], name: str
     assert yardstick.psnr(a, c) < 40
 
 
-def test_pixart_eval_captions_are_held_out_and_in_vocabulary(pipes: dict[str, object]) -> None:
-    model = embedded_model("pixart-digits")
+def _tokenizers(pipe: object) -> list:
+    return [t for t in (getattr(pipe, n, None) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")) if t is not None]
+
+
+@pytest.mark.parametrize("name", CAPTIONED)
+def test_eval_captions_are_held_out_and_one_token_per_word(pipes: dict[str, object], name: str) -> None:
+    model = embedded_model(name)
     trained = {c for d in range(10) for c in train_captions(d)}
     heldout = {c for d in range(10) for c in heldout_captions(d)}
     assert set(model.calibration_prompts) <= trained
     assert set(model.eval_prompts) <= heldout and not set(model.eval_prompts) & trained
-    for text, digit in zip(model.calibration_prompts + model.eval_prompts, model.calibration_digits + model.eval_digits):
+    prompts, digits = model.calibration_prompts + model.eval_prompts, model.calibration_digits + model.eval_digits
+    for text, digit in zip(prompts, digits):
         words = text.replace(",", " ").split()
         assert DIGIT_WORDS[digit] in words or str(digit) in words
-    tok = pipes["pixart-digits"].tokenizer
-    ids = tok(sorted(trained | heldout)).input_ids  # every caption, so every word in context
-    assert all(tok.unk_token_id not in row for row in ids)
+    texts = sorted(trained | heldout)  # every caption, so every word in context
+    for tok in _tokenizers(pipes[name]):
+        specials = len(tok("").input_ids)  # CLIP: bos and eos (its unk); T5: eos
+        body = slice(1, -1) if tok.unk_token_id == tok.eos_token_id else slice(None)
+        for text, ids in zip(texts, tok(texts).input_ids):
+            assert len(ids) - specials == len(text.replace(",", " ,").split()), (type(tok).__name__, text)
+            assert tok.unk_token_id not in ids[body], (type(tok).__name__, text)
 
 
 def test_dit_eval_classes_are_held_out() -> None:

@@ -125,7 +125,7 @@ def test_build_reads_a_config_file_and_options_override_it(folders, tmp_path):
     "case, extra, expected",
     [
         ("unknown model", ["--model", "no-such-model"], "model: unknown model"),
-        ("unsupported pipeline", ["--model", "{tmp}/flux"], "supported pipelines are"),
+        ("unsupported pipeline", ["--model", "{tmp}/wan"], "supported pipelines are"),
         ("delta above 1", ["--delta", "1.5"], "delta:"),
         ("delta zero", ["--delta", "0"], "delta:"),
         ("unreadable prompts", ["--prompts", "{tmp}/missing.txt"], "prompts: cannot read"),
@@ -138,8 +138,8 @@ def test_build_reads_a_config_file_and_options_override_it(folders, tmp_path):
 def test_bad_input_is_one_line_and_leaves_no_file(folders, tmp_path, case, extra, expected):
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "bad.toml").write_text('colour = "red"\n')
-    (tmp_path / "flux").mkdir()
-    (tmp_path / "flux" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "wan").mkdir()
+    (tmp_path / "wan" / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
     output = tmp_path / "plan.json"
     args = build_args(folders["pixart-sigma"], output)
     for option, value in zip(extra[::2], extra[1::2]):
@@ -180,16 +180,24 @@ def run_cli(args: list[str], env: dict[str, str], prelude: str = "") -> subproce
     )
 
 
-def test_missing_checkpoint_offline_says_how_to_provide_it(tmp_path):
+@pytest.mark.parametrize(
+    ("model", "repo"),
+    [
+        ("pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
+        ("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium"),
+        ("flux", "black-forest-labs/FLUX.1-dev"),
+    ],
+)
+def test_missing_checkpoint_offline_says_how_to_provide_it(tmp_path, model, repo):
     output = tmp_path / "plan.json"
     result = run_cli(
-        ["build", "--model", "pixart", "--delta", "0.9", "-o", str(output)],
+        ["build", "--model", model, "--delta", "0.9", "-o", str(output)],
         {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS" in lines[0]
+    assert repo in lines[0]
     assert "Hugging Face cache" in lines[0] and "local folder" in lines[0]
     assert not output.exists()
 
