@@ -7,6 +7,7 @@ min-SNR-5 loss weighting.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import math
@@ -194,3 +195,33 @@ def fit(
             }
             torch.save(state, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").replace(checkpoint)
+
+
+def training_arguments(
+    description: str | None, *, out: Path, steps: int, width: int, heads: int, **layers: int
+) -> argparse.ArgumentParser:
+    """The options every transformer training takes, with its defaults; ``layers`` maps
+    each layer-count option (``layers``, ``double_layers``, …) to its default."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--width", type=int, default=width)
+    parser.add_argument("--heads", type=int, default=heads)
+    for name, default in layers.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    parser.add_argument("--copies", type=int, default=8, help="jittered copies of the dataset to encode")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--no-resume", action="store_true", help="ignore and write no checkpoint in build/train/")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    return parser
+
+
+def caption_arguments(parser: argparse.ArgumentParser, *, text_width: int, pretrain_steps: int) -> None:
+    """The options of trainings conditioned on captions."""
+    parser.add_argument("--text-width", type=int, default=text_width)
+    parser.add_argument("--text-pretrain-steps", type=int, default=pretrain_steps)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)

@@ -19,6 +19,7 @@ from diffusers import DiTPipeline, DiTTransformer2DModel
 from train.data import DIGIT_WORDS
 from train.diffusion import (
     EMA,
+    training_arguments,
     checkpoint_path,
     fit,
     inference_scheduler,
@@ -32,7 +33,6 @@ from train.vae import load_vae
 
 OUT_DIR = Path("models/dit-digits")
 NULL_CLASS = 1000
-SEED = 0
 
 
 def build_transformer(width: int, heads: int, layers: int) -> DiTTransformer2DModel:
@@ -94,21 +94,8 @@ def train(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--ema", type=float, default=0.995)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=6)
+    parser = training_arguments(__doc__, out=OUT_DIR, steps=1000, width=64, heads=4, layers=6)
     parser.add_argument("--label-dropout", type=float, default=0.1)
-    parser.add_argument("--copies", type=int, default=8, help="jittered copies of the dataset to encode")
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
-    parser.add_argument("--no-resume", action="store_true", help="ignore and write no checkpoint in build/train/")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train(args)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from train.data import TRAIN_TEMPLATES
-from train.diffusion import EMA, checkpoint_path, fit, latent_dataset
+from train.diffusion import EMA, caption_arguments, checkpoint_path, fit, latent_dataset, training_arguments
 from train.flow import inference_scheduler, noisy_batch
 from train.pixart import build_text_encoder as build_t5_encoder
 from train.pixart import build_tokenizer as build_t5_tokenizer
@@ -35,7 +35,6 @@ OUT_DIR = Path("models/flux-digits")
 CLIP_TOKENS = 8
 T5_TOKENS = 8
 LATENT_SIDE = 16
-SEED = 0
 
 
 def build_transformer(
@@ -151,24 +150,10 @@ def train(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--ema", type=float, default=0.995)
-    parser.add_argument("--width", type=int, default=96)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--double-layers", type=int, default=2)
-    parser.add_argument("--single-layers", type=int, default=4)
-    parser.add_argument("--text-width", type=int, default=64)
-    parser.add_argument("--text-pretrain-steps", type=int, default=300)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--copies", type=int, default=8, help="jittered copies of the dataset to encode")
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
-    parser.add_argument("--no-resume", action="store_true", help="ignore and write no checkpoint in build/train/")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    parser = training_arguments(
+        __doc__, out=OUT_DIR, steps=1500, width=96, heads=6, double_layers=2, single_layers=4
+    )
+    caption_arguments(parser, text_width=64, pretrain_steps=300)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train(args)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from train.data import TRAIN_TEMPLATES
-from train.diffusion import EMA, checkpoint_path, fit, latent_dataset
+from train.diffusion import EMA, caption_arguments, checkpoint_path, fit, latent_dataset, training_arguments
 from train.flow import inference_scheduler, noisy_batch
 from train.pixart import build_text_encoder as build_t5_encoder
 from train.pixart import build_tokenizer as build_t5_tokenizer
@@ -33,7 +33,6 @@ from train.vae import load_vae
 OUT_DIR = Path("models/sd3-digits")
 CLIP_TOKENS = 8
 T5_TOKENS = 8
-SEED = 0
 
 
 def build_transformer(width: int, heads: int, layers: int, text_width: int) -> SD3Transformer2DModel:
@@ -158,23 +157,8 @@ def train(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--ema", type=float, default=0.995)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--text-width", type=int, default=32)
-    parser.add_argument("--text-pretrain-steps", type=int, default=300)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--copies", type=int, default=8, help="jittered copies of the dataset to encode")
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
-    parser.add_argument("--no-resume", action="store_true", help="ignore and write no checkpoint in build/train/")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    parser = training_arguments(__doc__, out=OUT_DIR, steps=1000, width=64, heads=4, layers=4)
+    caption_arguments(parser, text_width=32, pretrain_steps=300)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train(args)
