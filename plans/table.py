@@ -1,6 +1,6 @@
 """Evaluate every shipped plan with ``planner eval --json`` and print the README's markdown table.
 
-    .venv/bin/python plans/table.py [--num-samples 20] [--repeats 3]
+    .venv/bin/python plans/table.py [--models dit-digits,pixart-digits] [--num-samples 20] [--repeats 3]
 
 Each plan runs on its own model's held-out prompts and seeds; the time ratio is
 planned / raw wall time of the same samples in the same process.
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("dit-digits", "pixart-digits")
+MODELS = "dit-digits,pixart-digits,sd3-digits,flux-digits"
 
 
 def evaluate(plan: Path, num_samples: int, repeats: int) -> dict:
@@ -52,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default=MODELS, help="comma-separated embedded image models")
     args = parser.parse_args()
     headers = [
         "model", "plan", "δ", "attn FLOPs kept (plan)", "executed", "digit accuracy raw → planned",
@@ -59,7 +60,7 @@ def main() -> None:
     ]  # fmt: skip
     print("| " + " | ".join(headers) + " |")
     print("|" + "|".join("---" for _ in headers) + "|")
-    for name in MODELS:
+    for name in args.models.split(","):
         for plan in sorted((ROOT / "plans" / name).glob("d*.json")):
             print("| " + " | ".join(row(name, plan, evaluate(plan, args.num_samples, args.repeats))) + " |", flush=True)
 

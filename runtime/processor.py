@@ -59,6 +59,12 @@ class FastAttnProcessor:
         return execute(self.runner, todo, self.adapter, attn, call)
 
 
+# Devices where a refresh runs as one merged pass (``runtime/merge.py``: the window and its
+# complement, merged by log-sum-exp) rather than full attention plus the window: where it was
+# measured faster (``python -m bench.attention --refresh``); its CUDA path is not yet measured.
+MERGED_REFRESH = ("cpu",)
+
+
 def execute(runner: Runner, todo: LayerStep, adapter: Adapter, attn: Any, call: AttnCall) -> Outputs:
     """Run one layer-step: the single implementation of the five methods and their caches.
 
@@ -93,10 +99,24 @@ def execute(runner: Runner, todo: LayerStep, adapter: Adapter, attn: Any, call: 
     rows = runner.cond_rows(rows_all) if batched else slice(None)
     q, k, v = adapter.project(attn, call, rows, text)
     if method in COMPUTES_FULL:
-        o = full_attention(q, k, v, adapter.mask(attn, call, q))
-        if todo.refresh and todo.writes:
-            cache.residual = o - todo.window(q, k, v)
+        refresh = todo.refresh and todo.writes
+        mask = adapter.mask(attn, call, q)
+        merged = (
+            refresh
+            and mask is None
+            and todo.merged_refresh is not None
+            and q.device.type in MERGED_REFRESH
+            and not torch.compiler.is_compiling()  # its gathers and buffers would break the graph
+        )
+        if merged:
+            o, window = todo.merged_refresh(q, k, v)
+        else:
+            o = full_attention(q, k, v, mask)
+            window = todo.window(q, k, v) if refresh else None
+        if refresh:
+            cache.residual = o - window
             cache.residual_cond_only = batched
+            cache.merged_refresh = merged
     else:
         residual = runner.residual_for(todo, rows, o_rows=q.shape[0])
         o = todo.window(q, k, v) + residual

@@ -11,6 +11,7 @@ import torch
 
 from runtime.adapters import Adapter, Outputs, map_outputs
 from runtime.arrow import bind_arrow
+from runtime.merge import RefreshKernel, bind_refresh
 from runtime.recording import Recorder
 from runtime.schedule import COMPUTES_FULL, Schedule
 from runtime.state import GenerationState, LayerCache
@@ -43,6 +44,7 @@ class LayerStep:
     writes: bool  # False during trials: read the caches, write none
     cache: LayerCache
     window: BoundKernel
+    merged_refresh: RefreshKernel | None  # full and window in one pass (runtime/merge.py), where it applies
     num_tokens: int | None  # what the plan expects, checked at every call
     text_tokens: int  # text tokens of a joint layer's sequence, per the plan
     second: bool
@@ -93,6 +95,7 @@ class Runner:
         self.processors: list[FastAttnProcessor] = []  # installed, in layer order
         self._kernel_name = kernel
         self._window_kernels = self._bind_windows(kernel)  # per layer, resolved once
+        self._refresh_kernels = self._bind_refreshes(kernel)
 
     # -- what to run -------------------------------------------------------
     def method(self, layer: int) -> str:
@@ -112,6 +115,7 @@ class Runner:
             writes=not self.trial,
             cache=state.cache(layer),
             window=self.window_kernel(layer),
+            merged_refresh=self._refresh_kernels[layer],
             num_tokens=self.layers[layer].num_tokens if self.layers else self.num_tokens,
             text_tokens=self.text_tokens(layer),
             second=second,
@@ -158,6 +162,25 @@ class Runner:
                     else bind_window(window, tokens, kernel, field)
                 )
             kernels.append(bound[key])
+        return kernels
+
+    def _bind_refreshes(self, kernel: str) -> list[RefreshKernel | None]:
+        """Each layer's merged refresh (``runtime/merge.py``): the full output and the window's
+        in about one full attention; ``None`` for joint layers (arrows) and the ``dense`` kernel."""
+        count = len(self._window_kernels)
+        if kernel == "dense":
+            return [None] * count
+        bound: dict[tuple[WindowShape, int | None], RefreshKernel] = {}
+        kernels: list[RefreshKernel | None] = []
+        for layer in range(count):
+            if self.text_tokens(layer):
+                kernels.append(None)
+                continue
+            window = self.window_of(layer)
+            tokens = self.layers[layer].num_tokens if self.layers else self.num_tokens
+            if (window, tokens) not in bound:
+                bound[window, tokens] = bind_refresh(window, tokens)
+            kernels.append(bound[window, tokens])
         return kernels
 
     def window_kernel(self, layer: int) -> BoundKernel:
@@ -334,7 +357,7 @@ class Runner:
             rows = sum(state.cache(layer, call).rows for call in range(state.call + 1))
             state.count(
                 row[layer], rows, state.cache(layer).tokens, self.window_of(layer), refreshed,
-                self.text_tokens(layer),
+                self.text_tokens(layer), merged=state.cache(layer).merged_refresh,
             )
         state.call = 0
         if step == 0:

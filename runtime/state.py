@@ -90,6 +90,7 @@ class LayerCache:
         self.shared: Outputs | None = None  # separate CFG: this conditional call's output for the next call
         self.rows = 0
         self.tokens = 0
+        self.merged_refresh = False  # this step's refresh ran merged (about one full attention)
 
     def residual_bytes(self) -> int:
         return _nbytes(self.residual)
@@ -181,10 +182,19 @@ class GenerationState:
             self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, peak)
 
     def count(
-        self, method: str, rows: int, num_tokens: int, window: WindowShape, refreshed: bool, text_tokens: int = 0
+        self,
+        method: str,
+        rows: int,
+        num_tokens: int,
+        window: WindowShape,
+        refreshed: bool,
+        text_tokens: int = 0,
+        *,
+        merged: bool = False,
     ) -> None:
         """Record one layer-step: ``rows`` attention sequences of ``num_tokens`` image tokens
-        (and ``text_tokens`` text tokens of a joint layer)."""
+        (and ``text_tokens`` text tokens of a joint layer). A refresh adds its window's pairs
+        unless it ran ``merged`` (window and complement: the full pairs, counted already)."""
         stats = self.stats
         total = num_tokens + text_tokens
         full = rows * total * total
@@ -193,5 +203,6 @@ class GenerationState:
         stats.attention_flops += full * method_cost(method, num_tokens, window, text_tokens)
         if refreshed:
             stats.residual_refreshes += 1
+        if refreshed and not merged:
             share = 0.5 if method == "asc" else 1.0
             stats.attention_flops += full * share * method_cost("wars", num_tokens, window, text_tokens)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bench.e2e import draw_mix
-from schemas import summarize
+from schemas import summarize, window_pairs
 
 
 def run(*args: str) -> str:
@@ -25,6 +25,14 @@ def test_attention_bench_prints_every_method():
             assert re.search(rf"\| 128 \| {window} \| {method} \|", text), text
     for method in ("full", "asc", "ast"):
         assert re.search(rf"\| 128 \|  \| {method} \|", text), text
+
+
+def test_attention_bench_prints_both_refreshes_per_window():
+    text = run("bench.attention", "--tokens", "128", "--reps", "1", "--windows", "band,tiles1d:32:1", "--refresh")
+    for window, pairs in (("band:16", 1 + window_pairs(128, 16) / 128**2), ("tiles1d:32:1", 1 + 96 / 128)):
+        assert re.search(rf"\| 128 \| {window} \| refresh:full\+window \| [0-9.]+ \| [0-9.]+% \| {pairs:.1%} \|", text), text
+        assert re.search(rf"\| 128 \| {window} \| refresh:merged \| [0-9.]+ \| [0-9.]+% \| 100.0% \|", text), text
+    assert "refresh" not in run("bench.attention", "--tokens", "128", "--reps", "1")
 
 
 def test_e2e_bench_prints_raw_and_three_plans():

@@ -210,7 +210,10 @@ def test_tiles_that_do_not_fit_are_refused_at_apply(shape, message):
     assert [block.attn1.processor for block in m.transformer_blocks] == processors
 
 
-def test_executed_flops_count_the_tiles_pairs():
+@pytest.mark.parametrize("merged", [True, False])
+def test_executed_flops_count_the_tiles_pairs(merged, monkeypatch):
+    if not merged:
+        monkeypatch.setattr("runtime.processor.MERGED_REFRESH", ())
     m = float64_model("dit")
     shape = Tiles2d((8, 8), (4, 4), 0)
     methods = [["full"] * LAYERS, ["wars"] * LAYERS]
@@ -219,8 +222,11 @@ def test_executed_flops_count_the_tiles_pairs():
     with runtime.apply(plan, m) as handle, torch.no_grad():
         for t in range(2):
             m(**_dit_inputs(t))
-    # step 0 refreshes every residual with the window (16 of 64 keys), step 1 runs it
-    assert handle.stats().attention_flops_fraction == pytest.approx((1 + 0.25 + 0.25) / 2)
+    # step 0 refreshes every residual, merged (window and complement: the full pairs) or with a
+    # second pass over the window (16 of 64 keys); step 1 runs the window
+    refresh = 0.0 if merged else 0.25
+    assert handle.stats().attention_flops_fraction == pytest.approx((1 + refresh + 0.25) / 2)
+    assert handle.stats().residual_refreshes == LAYERS
 
 
 def _dit_inputs(t: int) -> dict:
