@@ -166,6 +166,7 @@ class FastAttnHandle:
         kernel: str = "auto",
         strict: bool = True,
         compile: bool | dict[str, Any] = False,
+        merged_refresh: bool = False,
     ):
         if not isinstance(plan, Plan):
             raise TypeError(
@@ -196,6 +197,7 @@ class FastAttnHandle:
             layers=list(plan.layers) if plan.layers else None,
             cfg_mode=cfg_mode_of(plan.sampling),
             adapters=adapters,
+            merged_refresh=merged_refresh,
         )
         self._scheduler = getattr(target, "scheduler", None) if target is not model else None
         self._timesteps_hook: TimestepsHook | None = None
@@ -434,6 +436,7 @@ def apply(
     kernel: str = "auto",
     strict: bool = True,
     compile: bool | dict[str, Any] = False,
+    merged_refresh: bool = False,
 ) -> FastAttnHandle:
     """Execute ``plan`` on a diffusers pipeline (its ``.transformer``) or a transformer.
 
@@ -454,5 +457,12 @@ def apply(
     ``compile=True`` (or a dict of ``torch.compile`` options) compiles the transformer's
     repeated blocks with the plan inside them (``CompiledBlocks``); ``remove()`` puts back
     the uncompiled blocks. Compiling the model yourself after ``apply`` works too.
+
+    ``merged_refresh=True`` runs each residual refresh on the CPU as one merged pass
+    (``runtime/merge.py``: about one full attention instead of full + window); its full
+    output equals the plain one up to float rounding, not bit for bit, so the generation is
+    no longer bit-identical to the calibration trajectory.
     """
-    return FastAttnHandle(plan, target, kernel=kernel, strict=strict, compile=compile)
+    return FastAttnHandle(
+        plan, target, kernel=kernel, strict=strict, compile=compile, merged_refresh=merged_refresh
+    )

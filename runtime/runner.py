@@ -78,6 +78,7 @@ class Runner:
         layers: list[Layer] | None = None,
         cfg_mode: str | None = None,
         adapters: list[Adapter] | None = None,
+        merged_refresh: bool = False,
     ) -> None:
         self.schedule = schedule
         self.window = window
@@ -95,7 +96,9 @@ class Runner:
         self.processors: list[FastAttnProcessor] = []  # installed, in layer order
         self._kernel_name = kernel
         self._window_kernels = self._bind_windows(kernel)  # per layer, resolved once
-        self._refresh_kernels = self._bind_refreshes(kernel)
+        self._refresh_kernels = (
+            self._bind_refreshes(kernel) if merged_refresh else [None] * len(self._window_kernels)
+        )
 
     # -- what to run -------------------------------------------------------
     def method(self, layer: int) -> str:

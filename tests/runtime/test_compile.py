@@ -89,8 +89,7 @@ def widen(methods: list[list[str]], times: int) -> list[list[str]]:
 
 
 @pytest.mark.parametrize(("kind", "layers"), [("pixart", 6), ("dit", 3)])
-def test_compiled_blocks_run_every_method_like_eager_with_one_graph_per_variant(kind, layers, monkeypatch):
-    monkeypatch.setattr("runtime.processor.MERGED_REFRESH", ())  # compiled blocks refresh as full + window
+def test_compiled_blocks_run_every_method_like_eager_with_one_graph_per_variant(kind, layers):
     model = model_of(kind, layers)
     plan = plan_for(model, widen(MIXED, layers // 3), cfg_order=ORDERS[kind])
     with runtime.apply(plan, model) as handle:

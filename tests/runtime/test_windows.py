@@ -211,15 +211,13 @@ def test_tiles_that_do_not_fit_are_refused_at_apply(shape, message):
 
 
 @pytest.mark.parametrize("merged", [True, False])
-def test_executed_flops_count_the_tiles_pairs(merged, monkeypatch):
-    if not merged:
-        monkeypatch.setattr("runtime.processor.MERGED_REFRESH", ())
+def test_executed_flops_count_the_tiles_pairs(merged):
     m = float64_model("dit")
     shape = Tiles2d((8, 8), (4, 4), 0)
     methods = [["full"] * LAYERS, ["wars"] * LAYERS]
     plan = plan_for(m, methods, num_tokens=TOKENS, window=shape, cfg_order="cond_uncond")
     assert plan.summary.attention_flops_fraction == pytest.approx((1 + 16 / 64) / 2)
-    with runtime.apply(plan, m) as handle, torch.no_grad():
+    with runtime.apply(plan, m, merged_refresh=merged) as handle, torch.no_grad():
         for t in range(2):
             m(**_dit_inputs(t))
     # step 0 refreshes every residual, merged (window and complement: the full pairs) or with a
