@@ -7,31 +7,54 @@ against the raw pipeline timed back to back in the same process.
 
 Compute, counted while generating:
 
-- *attention FLOPs kept*: self-attention (``attn1``) query-key pairs actually computed,
-  over the raw pipeline's. Ours: the runtime's own count (window bands exactly,
-  residual refreshes included). Hooks: every ``attn1`` whose ``to_q`` runs counts its
-  rows x N² pairs; a skipped or reused attention counts nothing.
-- *FFN FLOPs kept*: tokens that went through the blocks' feed-forward, over raw's
-  (below 100 % only for methods that skip whole blocks).
+- *attention FLOPs kept*: self-attention query-key pairs actually computed, over the
+  raw pipeline's. The self-attention layers are the runtime's
+  (``runtime.apply.self_attention_layers``): ``attn1`` (DiT, PixArt), each MMDiT block's
+  joint ``attn`` and SD3's image-only ``attn2``, FLUX's single-stream ``attn``. Ours: the
+  runtime's own count (window bands exactly, residual refreshes included). Hooks: every
+  such layer whose ``to_q`` runs counts rows x (image + text tokens)² pairs (text: a joint
+  layer's ``encoder_hidden_states``; a FLUX single-stream layer gets the joint sequence as
+  its ``hidden_states``), the runtime's unit; a skipped or reused attention counts nothing.
+- *FFN FLOPs kept*: tokens that went through the blocks' feed-forward (``ff``, the MMDiT
+  text stream's ``ff_context``, FLUX single-stream ``proj_mlp``), over raw's (below 100 %
+  only for methods that skip whole blocks).
 
 Matching: a peer's knob is swept on the calibration prompts (seeds 0 + i) and the
 setting whose attention FLOPs kept is closest to our plan's there is the one run on
-the held-out prompts. Peers that fit these models (``diffusers.hooks``):
+the held-out prompts. Peers (``diffusers.hooks``), on the self-attention layers above
+(``SELF_ATTENTION``: module-name patterns by transformer class):
 
-- Pyramid Attention Broadcast on ``attn1`` (skip range 2…6, timestep window
-  (100, 800) or all steps);
-- FasterCache: ``attn1`` reuse with its weighted extrapolation (skip range 2…4,
-  timestep window (-1, 681) or every step after the first: the attention part
-  skips at its first call when that step is in the window and has no cache yet),
-  plus its CFG cache of the unconditional half on PixArt; DiT batches
+- Pyramid Attention Broadcast (skip range 2…6, timestep window (100, 800) or all
+  steps);
+- FasterCache: attention reuse with its weighted extrapolation (skip range 2…4,
+  timestep window (-1, 681) or every step after the first: the attention part skips at
+  its first call when that step is in the window and has no cache yet), plus its CFG
+  cache of the unconditional half where the pipeline batches ``[uncond, cond]``
+  (PixArt, SD3; ``pooled_projections`` split with the other CFG inputs). DiT batches
   ``[cond, uncond]`` while the hook assumes ``[uncond, cond]``, so on DiT only its
   attention part runs (``is_guidance_distilled=True``);
-- TaylorSeer on ``attn1`` outputs (first-order, cache interval 2…8);
+- TaylorSeer on the attention outputs (first-order, cache interval 2…8);
 - First Block Cache (skips blocks 1…L-1 when block 0's residual barely changes);
 - MagCache (skips all blocks on a magnitude-ratio budget; ratios calibrated on the
-  calibration prompts with its own ``calibrate=True`` mode).
+  calibration prompts with its own ``calibrate=True`` mode, the first CFG call's).
 
-Run: ``python -m bench.peers [--models dit-digits,pixart-digits] [--plans d3,d6]``.
+Left out (``LEFT_OUT``), as they fail or mix what they cache:
+
+- sd3-digits, First Block Cache: the last SD3 block is ``context_pre_only`` and returns
+  ``None`` for the text stream, which the hook's tail subtracts from its cached text
+  output (``TypeError: unsupported operand type(s) for -: 'NoneType' and 'Tensor'``).
+- flux-digits, PAB and FasterCache. The pipeline runs the two CFG halves as separate
+  transformer calls under ``cache_context("cond")`` / ``("uncond")``, and these two hooks
+  keep one state per attention module, not one per cache context (TaylorSeer, First
+  Block Cache and MagCache key theirs by context): PAB hands one call the other's
+  attention output, FasterCache extrapolates one call's from the other's, and its CFG
+  cache splits each call's batch as if it were ``[uncond, cond]`` (``RuntimeError:
+  Tensors must have same number of dimensions: got 4 and 3``). As run here FasterCache
+  fails sooner: FLUX takes the timestep over 1000, so every step lies in its window and
+  it skips at the first call (``TypeError: 'NoneType' object is not subscriptable``).
+
+Run: ``python -m bench.peers [--models dit-digits,pixart-digits] [--plans d3,d6]``
+(``--models sd3-digits,flux-digits`` for the MMDiTs; ``--plans`` also takes plan files).
 """
 
 from __future__ import annotations
@@ -60,30 +83,78 @@ from planner.embedded import EMBEDDED_MODELS
 from planner.evaluate import EvalInputs, call_kwargs, eval_inputs, ssim_window
 from planner.loading import load_pipeline, quiet_libraries
 from planner.registry import ModelSpec, resolve_model
+from runtime.apply import self_attention_layers
 from schemas import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
-ATTN1 = r"transformer_blocks\.\d+\.attn1"
+
+
+@dataclass(frozen=True)
+class SelfAttention:
+    """A transformer class's self-attention layers, as the hooks select them.
+
+    ``pattern`` matches their module names in full; ``label`` names them in the settings.
+    """
+
+    label: str
+    pattern: str
+
+
+SELF_ATTENTION = {
+    "DiTTransformer2DModel": SelfAttention("attn1", r"transformer_blocks\.\d+\.attn1"),
+    "PixArtTransformer2DModel": SelfAttention("attn1", r"transformer_blocks\.\d+\.attn1"),
+    "SD3Transformer2DModel": SelfAttention("attn, attn2", r"transformer_blocks\.\d+\.attn2?"),
+    "FluxTransformer2DModel": SelfAttention("attn", r"(single_)?transformer_blocks\.\d+\.attn"),
+}
+
+FEED_FORWARDS = ("ff", "ff_context", "proj_mlp")
+
+# The transformer inputs FasterCache splits into CFG halves: its default, and SD3's pooled text embedding.
+CFG_INPUTS = (
+    "hidden_states", "encoder_hidden_states", "timestep", "attention_mask", "encoder_attention_mask",
+    "pooled_projections",
+)  # fmt: skip
+
+# Peers left out on a model (why: the module docstring).
+LEFT_OUT = {"sd3-digits": ("FirstBlockCache",), "flux-digits": ("PAB", "FasterCache")}
 
 
 # ---------------------------------------------------------------------------
 # counting what ran
 
 
+def feed_forwards(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every block's feed-forward modules: ``ff``, the MMDiT text stream's ``ff_context``,
+    FLUX single-stream ``proj_mlp``."""
+    blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", ())]
+    return [ffn for block in blocks for name in FEED_FORWARDS if (ffn := getattr(block, name, None)) is not None]
+
+
 class Meter:
-    """Self-attention pairs and feed-forward tokens computed by a transformer, via forward hooks."""
+    """Self-attention pairs and feed-forward tokens computed by a transformer, via forward hooks.
+
+    A self-attention layer's call notes its text tokens (``encoder_hidden_states``); its
+    ``to_q`` running then counts rows x (tokens + text tokens)² pairs.
+    """
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         self.pairs = 0.0
         self.ffn_tokens = 0.0
-        self._hooks = []
-        for block in transformer.transformer_blocks:
-            self._hooks.append(block.attn1.to_q.register_forward_pre_hook(self._attention))
-            self._hooks.append(block.ff.register_forward_pre_hook(self._ffn))
+        self._text_tokens = 0
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        for attn in self_attention_layers(transformer):
+            self._hooks.append(attn.register_forward_pre_hook(self._call, with_kwargs=True))
+            self._hooks.append(attn.to_q.register_forward_pre_hook(self._attention))
+        for ffn in feed_forwards(transformer):
+            self._hooks.append(ffn.register_forward_pre_hook(self._ffn))
+
+    def _call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        self._text_tokens = 0 if context is None else context.shape[1]
 
     def _attention(self, module: torch.nn.Module, args: tuple) -> None:
         rows, tokens = args[0].shape[:2]
-        self.pairs += rows * tokens * tokens
+        self.pairs += rows * (tokens + self._text_tokens) ** 2
 
     def _ffn(self, module: torch.nn.Module, args: tuple) -> None:
         self.ffn_tokens += args[0].shape[0] * args[0].shape[1]
@@ -172,41 +243,42 @@ def hook_method(name: str, setting: str, install: Callable[[torch.nn.Module, Clo
     return Method(name, setting, attach)
 
 
-def pab(skip: int, window: tuple[int, int]) -> Method:
+def pab(layers: SelfAttention, skip: int, window: tuple[int, int]) -> Method:
     from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
 
     def install(model: torch.nn.Module, clock: Clock) -> None:
         config = PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=skip,
             spatial_attention_timestep_skip_range=window,
-            spatial_attention_block_identifiers=(ATTN1,),
+            spatial_attention_block_identifiers=(f"^{layers.pattern}$",),
             current_timestep_callback=clock,
         )
         apply_pyramid_attention_broadcast(model, config)
 
-    return hook_method("PAB", f"attn1 every {skip}, t in {window}", install)
+    return hook_method("PAB", f"{layers.label} every {skip}, t in {window}", install)
 
 
-def faster_cache(skip: int, window: tuple[int, int], cfg_cache: bool) -> Method:
+def faster_cache(layers: SelfAttention, skip: int, window: tuple[int, int], cfg_cache: bool) -> Method:
     from diffusers.hooks import FasterCacheConfig, apply_faster_cache
 
     def install(model: torch.nn.Module, clock: Clock) -> None:
         config = FasterCacheConfig(
             spatial_attention_block_skip_range=skip,
             spatial_attention_timestep_skip_range=window,
-            spatial_attention_block_identifiers=(ATTN1,),
+            spatial_attention_block_identifiers=(f"^{layers.pattern}$",),
             current_timestep_callback=clock,
             attention_weight_callback=lambda _: 0.5,
             tensor_format="BCHW",
             is_guidance_distilled=not cfg_cache,
+            _unconditional_conditional_input_kwargs_identifiers=CFG_INPUTS,
         )
         apply_faster_cache(model, config)
 
     part = "" if cfg_cache else ", attention part only"
-    return hook_method("FasterCache", f"attn1 every {skip}, t in {window}{part}", install)
+    return hook_method("FasterCache", f"{layers.label} every {skip}, t in {window}{part}", install)
 
 
-def taylorseer(interval: int) -> Method:
+def taylorseer(layers: SelfAttention, interval: int) -> Method:
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
     def install(model: torch.nn.Module, clock: Clock) -> None:
@@ -215,11 +287,11 @@ def taylorseer(interval: int) -> Method:
             disable_cache_before_step=3,
             max_order=1,
             taylor_factors_dtype=torch.float32,
-            cache_identifiers=[ATTN1],
+            cache_identifiers=[layers.pattern],
         )
         apply_taylorseer_cache(model, config)
 
-    return hook_method("TaylorSeer", f"attn1, interval {interval}, order 1", install)
+    return hook_method("TaylorSeer", f"{layers.label}, interval {interval}, order 1", install)
 
 
 def first_block_cache(threshold: float) -> Method:
@@ -242,7 +314,8 @@ def mag_cache(threshold: float, ratios: list[float], steps: int) -> Method:
 
 
 def mag_ratios(pipe: Any, spec: ModelSpec, plan: Plan, inputs: EvalInputs) -> list[float]:
-    """MagCache's per-step magnitude ratios from its own calibration run (it prints them)."""
+    """MagCache's per-step magnitude ratios from its own calibration run (it prints them,
+    once per cache context: the first is the conditional call's where CFG calls are separate)."""
     from diffusers.hooks import MagCacheConfig, apply_mag_cache
 
     def install(model: torch.nn.Module, clock: Clock) -> None:
@@ -256,21 +329,23 @@ def mag_ratios(pipe: Any, spec: ModelSpec, plan: Plan, inputs: EvalInputs) -> li
     lists = [line for line in printed.getvalue().splitlines() if line.startswith("[") and line.endswith("]")]
     if not lists:
         raise RuntimeError("MagCache calibration printed no ratios")
-    return [float(x) for x in ast.literal_eval(lists[-1])]
+    return [float(x) for x in ast.literal_eval(lists[0])]
 
 
 def candidates(model: str, pipe: Any, spec: ModelSpec, plan: Plan, calibration: EvalInputs) -> dict[str, list[Method]]:
-    """Each peer's sweep of its main knob, by peer name."""
-    dit = EMBEDDED_MODELS[model].pipeline == "DiTPipeline"
+    """Each peer's sweep of its main knob, by peer name, less the peers in ``LEFT_OUT``."""
+    layers = SELF_ATTENTION[type(pipe.transformer).__name__]
+    cfg_cache = EMBEDDED_MODELS[model].cfg_order == "uncond_cond"
     ratios = mag_ratios(pipe, spec, plan, calibration)
     steps = plan.sampling.num_steps
-    return {
-        "PAB": [pab(s, w) for w in ((100, 800), (-1, 1000)) for s in (2, 3, 4, 6)],
-        "FasterCache": [faster_cache(s, w, cfg_cache=not dit) for w in ((-1, 681), (-1, 990)) for s in (2, 3, 4)],
-        "TaylorSeer": [taylorseer(i) for i in (2, 3, 4, 5, 6, 8)],
+    sweep = {
+        "PAB": [pab(layers, s, w) for w in ((100, 800), (-1, 1000)) for s in (2, 3, 4, 6)],
+        "FasterCache": [faster_cache(layers, s, w, cfg_cache) for w in ((-1, 681), (-1, 990)) for s in (2, 3, 4)],
+        "TaylorSeer": [taylorseer(layers, i) for i in (2, 3, 4, 5, 6, 8)],
         "FirstBlockCache": [first_block_cache(t) for t in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)],
         "MagCache": [mag_cache(t, ratios, steps) for t in (0.01, 0.03, 0.06, 0.12, 0.24, 0.5)],
     }
+    return {peer: methods for peer, methods in sweep.items() if peer not in LEFT_OUT.get(model, ())}
 
 
 # ---------------------------------------------------------------------------
@@ -353,11 +428,18 @@ def calibration_inputs(model: str) -> EvalInputs:
     return EvalInputs(facts.calibration_prompts, facts.calibration_digits, tuple(range(count)))
 
 
+def load_plans(model: str, names: list[str]) -> dict[str, Plan]:
+    """Our plans by label: a name is the shipped ``plans/MODEL/NAME.json``, a ``.json`` path
+    a plan file (labelled by its stem)."""
+    paths = [Path(name) if name.endswith(".json") else ROOT / "plans" / model / f"{name}.json" for name in names]
+    return {path.stem: runtime.load_plan(path) for path in paths}
+
+
 def compare(model: str, plan_names: list[str], num_samples: int, repeats: int, bar: Progress) -> str:
     """The markdown table for one model: raw, then per plan ours and each peer at matched compute."""
     spec = resolve_model(model)
     pipe = load_pipeline(spec, torch.device("cpu"), torch.float32)
-    plans = {name: runtime.load_plan(ROOT / "plans" / model / f"{name}.json") for name in plan_names}
+    plans = load_plans(model, plan_names)
     first = next(iter(plans.values()))
     held_out = eval_inputs(spec, first, num_samples, None)
     calibration = calibration_inputs(model)
@@ -390,7 +472,11 @@ def compare(model: str, plan_names: list[str], num_samples: int, repeats: int, b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="dit-digits,pixart-digits")
-    parser.add_argument("--plans", default="d3,d6", help="Our shipped plans to match (plans/MODEL/NAME.json).")
+    parser.add_argument(
+        "--plans",
+        default="d3,d6",
+        help="Our plans to match: shipped names (plans/MODEL/NAME.json) or plan files (.json).",
+    )
     parser.add_argument("--num-samples", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="Timed runs per method (fastest kept).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")

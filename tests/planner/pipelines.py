@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from planner.build import BuildRequest
+from planner.embedded import embedded_model
+from planner.registry import embedded_spec
 from tests.tiny import tiny_dit_pipeline, tiny_pixart_alpha_pipeline, tiny_pixart_pipeline
 
 PIPELINES = {
@@ -39,3 +41,22 @@ def fresh_generation(pipe, req: BuildRequest) -> torch.Tensor:
         clean_caption=False,
         **common,
     ).images
+
+
+def embedded_request(name: str, **changes) -> BuildRequest:
+    """A short calibration run (4 steps, 2 prompts) on a shipped model, as the CLI builds it."""
+    model = embedded_model(name)
+    family = embedded_spec(model).family
+    settings = dict(
+        name=name,
+        inputs=model.calibration_prompts[:2],
+        delta=0.9,
+        steps=4,
+        guidance=model.guidance,
+        height=model.height,
+        width=model.width,
+        call_kwargs=dict(family.call_kwargs),
+        family=family,
+    )
+    settings.update(changes)
+    return BuildRequest(**settings)

@@ -12,8 +12,8 @@ from planner.build import BuildRequest, build_plan
 from planner.compile import compile_plans
 from planner.embedded import embedded_model, load_embedded
 from planner.profile import profile_model
-from planner.registry import embedded_spec
 from runtime.apply import self_attention_layers
+from tests.planner.pipelines import embedded_request
 from schemas import decode_plan, encode_plan
 
 STEPS = 4
@@ -26,21 +26,7 @@ def pipes() -> dict:
 
 
 def request(name: str, **changes) -> BuildRequest:
-    """A short calibration run (4 steps, 2 captions) on a shipped MMDiT, as the CLI builds it."""
-    model, spec = embedded_model(name), embedded_spec(embedded_model(name))
-    settings = dict(
-        name=name,
-        inputs=model.calibration_prompts[:2],
-        delta=0.9,
-        steps=STEPS,
-        guidance=model.guidance,
-        height=model.height,
-        width=model.width,
-        call_kwargs=dict(spec.family.call_kwargs),
-        family=spec.family,
-    )
-    settings.update(changes)
-    return BuildRequest(**settings)
+    return embedded_request(name, steps=STEPS, **changes)
 
 
 def fresh_generation(pipe, name: str, req: BuildRequest) -> torch.Tensor:

@@ -14,7 +14,7 @@ from planner.registry import resolve_model
 
 PLANS = Path(__file__).resolve().parents[2] / "plans"
 DELTAS = {1: 0.975, 2: 0.95, 3: 0.925, 4: 0.9, 5: 0.875, 6: 0.85}
-MODELS = ["dit-digits", "pixart-digits", "latte-digits"]
+MODELS = ["dit-digits", "pixart-digits", "latte-digits", "sd3-digits", "flux-digits"]
 SHIPPED = [(name, d) for name in MODELS for d in DELTAS]
 
 
@@ -32,6 +32,7 @@ def test_shipped_plan_records_its_model_and_setting(name: str, d: int) -> None:
     assert plan.calibration.num_prompts == len(model.calibration_prompts)
     assert plan.sampling.num_steps == model.steps and plan.sampling.guidance_scale == model.guidance
     assert plan.sampling.cfg and plan.sampling.cfg_order == model.cfg_order
+    assert plan.sampling.cfg_mode in (None, model.cfg_mode)  # absent in plans older than version 3
     assert (plan.tokens.num_tokens, plan.tokens.height, plan.tokens.width) == (model.tokens, model.height, model.width)
     assert plan.window == model.window and plan.model.num_layers == model.layers
 
