@@ -9,7 +9,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 PLANNER=${PLANNER:-.venv/bin/planner}
-[ $# -gt 0 ] || set -- dit-digits pixart-digits latte-digits
+[ $# -gt 0 ] || set -- dit-digits pixart-digits latte-digits sd3-digits flux-digits
 for model in "$@"; do
     mkdir -p "plans/$model"
     i=1
