@@ -13,7 +13,6 @@ where the text sits in that sequence: after the image tokens (SD3) or before (FL
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -167,11 +166,14 @@ class JointAttention(Adapter):
         return attn.to_out[1](attn.to_out[0](image)), context
 
 
-@functools.cache
-def _apply_rotary_emb() -> Callable[..., torch.Tensor]:
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    return apply_rotary_emb
+def rotate_pairs(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """FLUX's rotary embedding on ``x`` ``[batch, tokens, heads, head_dim]``: each channel pair
+    (2i, 2i+1) turned by the angle whose cosine and sine ``rotary`` holds per token and channel
+    (``[tokens, head_dim]``, each value repeated for both channels of its pair), in float32."""
+    cos, sin = (r.to(x.device)[None, :, None, :] for r in rotary)
+    even, odd = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    turned = torch.stack([-odd, even], dim=-1).flatten(-2)
+    return (x.float() * cos + turned.float() * sin).to(x.dtype)
 
 
 class FluxAttention(Adapter):
@@ -202,9 +204,7 @@ class FluxAttention(Adapter):
             cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
             q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
         if call.rotary is not None:
-            rotate = _apply_rotary_emb()
-            q = rotate(q, call.rotary, sequence_dim=1)
-            k = rotate(k, call.rotary, sequence_dim=1)
+            q, k = rotate_pairs(q, call.rotary), rotate_pairs(k, call.rotary)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def mask(self, attn: Any, call: AttnCall, q: torch.Tensor) -> torch.Tensor | None:
