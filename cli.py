@@ -340,11 +340,17 @@ def _profile_with_progress(pipe: Any, request: BuildRequest, settings: BuildSett
         layers = len(self_attention_layers(pipe.transformer))
         task = bar.add_task("profile", total=request.steps * layers, step=0, steps=request.steps)
 
+        weighing = bar.add_task("step weights", total=max(request.steps - 1, 1), step=0, steps=request.steps, visible=False)
+
         def advance(step: int, layer: int) -> None:
             bar.update(task, advance=1, step=step + 1)
 
+        def weigh(done: int, total: int) -> None:
+            bar.update(weighing, completed=done, total=total, step=done + 1, visible=True)
+
         return profile_model(
-            pipe, request, lags=settings.lags, probes=tuple(settings.probes), progress=advance
+            pipe, request, lags=settings.lags, probes=tuple(settings.probes), progress=advance,
+            weights_progress=weigh,
         )
 
 

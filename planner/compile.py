@@ -53,17 +53,20 @@ from schemas import (
     time_fraction,
     with_latency,
 )
-from schemas.profile import header_plan, profile_calibration
+from schemas.plan import flops_fractions
+from schemas.profile import forecast_pairs, header_plan, profile_calibration
 
-CANDIDATES = ("ast", "wars_asc", "wars", "asc")  # most compressive first, as the search
+CANDIDATES = ("ast", "forecast", "wars_asc", "wars", "asc")  # most compressive first, as the search
+REUSES = ("ast", "forecast")  # cost nothing: of two that fit, the lower loss is kept
+REUSES_ANY = (*REUSES, "reuse")  # with the feed-forward layers' reuse
 CFG_SHARING = ("wars_asc", "asc")
 # profile measure -> the method it predicts
 MEASURES = {"ast": "ast", "wars_asc": "wars_asc", "wars": "wars", "wars_after_asc": "wars", "asc": "asc"}
 RESOLUTION = 1000  # δ is compiled on the grid 1 - k / RESOLUTION
 Combine = Literal["sum", "rss"]
 COMBINE: tuple[str, ...] = ("sum", "rss")
-Objective = Literal["time", "flops"]
-OBJECTIVES: tuple[str, ...] = ("time", "flops")
+Objective = Literal["time", "flops", "transformer"]
+OBJECTIVES: tuple[str, ...] = ("time", "flops", "transformer")
 SEARCH_NAMES = {"sum": "profile", "rss": "profile-rss"}  # the plan's calibration.search
 
 
@@ -77,21 +80,29 @@ def tool_version() -> str:
 
 @dataclass(frozen=True)
 class Choice:
-    """The methods of one compiled grid, the predicted loss of each kept decision, and its cost."""
+    """The methods of one compiled grid (and its feed-forward grid, when compiled with one),
+    the predicted loss of each kept decision, and its cost."""
 
     methods: list[list[str]]
     losses: list[list[float | None]]
     cost: float
+    ffn: list[list[str]] | None = None
 
 
 class Predictor:
     """Predicted output losses of every candidate at every (step, layer, cache age)."""
 
-    def __init__(self, profile: Profile, objective: Objective = "flops") -> None:
+    def __init__(
+        self, profile: Profile, objective: Objective = "flops", *, weighted: bool = True, ffn: bool = False
+    ) -> None:
         self.profile = profile
         m = profile.measurements
+        self.ffn_layers = len(m.ffn_reuse[0]) if ffn and m.ffn_reuse else 0
         self.steps, self.layers, self.lags = profile.sampling.num_steps, profile.model.num_layers, profile.lags
-        candidates = tuple(c for c in CANDIDATES if profile.sampling.cfg or c not in CFG_SHARING)
+        candidates = tuple(
+            c for c in CANDIDATES
+            if (profile.sampling.cfg or c not in CFG_SHARING) and (c != "forecast" or m.forecast is not None)
+        )
         if profile.latency is not None:
             candidates = faster_than_full(profile.latency, candidates)
             if objective == "time":
@@ -113,6 +124,17 @@ class Predictor:
                 self.table[measure] = [
                     [self._row(measure, method, t, i) for i in range(self.layers)] for t in range(self.steps)
                 ]
+        self.pairs = {pair: p for p, pair in enumerate(forecast_pairs(self.lags))}
+        self.weights = [1.0] * self.steps
+        if weighted and m.step_weight is not None:
+            self.weights = [1.0 if w is None else w for w in m.step_weight]
+
+    def forecast_loss(self, t: int, i: int, a: int, b: int) -> float | None:
+        """Predicted output loss of ``forecast`` at ``(t, i)`` from the outputs of steps ``a > b``."""
+        pair = self.pairs.get((t - a, t - b))
+        gain = self.gains[t][i].get("forecast")
+        dist = self.profile.measurements.forecast[t][i][pair] if pair is not None else None
+        return None if gain is None or dist is None else gain * dist
 
     def distance(self, measure: str, t: int, i: int, lag: int = 1) -> float | None:
         """The distance of ``measure`` at ``(t, i)`` for a cache ``lag`` steps old.
@@ -143,7 +165,11 @@ class Predictor:
     def _gain(self, t: int, i: int) -> dict[str, float]:
         own: dict[str, float] = {}
         for method, grid in self.profile.measurements.loss.items():
-            loss, dist = grid[t][i], self.distance(method, t, i)
+            if method == "forecast":  # probed, but its distance needs a pair of lags
+                pair = self.profile.measurements.forecast
+                loss, dist = grid[t][i], pair[t][i][0] if pair is not None and t >= 2 else None
+            else:
+                loss, dist = grid[t][i], self.distance(method, t, i)
             if loss is None or dist is None:
                 continue
             if dist > 0.0:
@@ -160,11 +186,37 @@ class Predictor:
         lags = [0] if measure == "asc" else range(t + 1)
         return [None if gain is None or (d := self.distance(measure, t, i, lag)) is None else gain * d for lag in lags]
 
-    def cost(self, methods: list[list[str]]) -> float:
-        """The objective of a grid: its attention FLOPs or its predicted time, as a fraction."""
+    def cost(self, methods: list[list[str]], ffn: list[list[str]] | None = None) -> float:
+        """The objective of a grid: its attention FLOPs, the transformer's FLOPs (with the
+        feed-forward grid ``ffn``) or its predicted time, as a fraction."""
         if self.objective == "time":
             return time_fraction(methods, self.profile.latency)
+        if self.objective == "transformer":
+            plan = msgspec.structs.replace(header_plan(self.profile), methods=methods, ffn=ffn)
+            return flops_fractions(plan)[1]
         return _flops(self.costs, methods)
+
+    def units(self) -> list[tuple[str, int]]:
+        """The order a step spends its budget in: attention layer ``i`` at depth ``(i + ½) / L``,
+        feed-forward layer ``j`` just after, at ``(j + ¾) / F``."""
+        units = [((i + 0.5) / self.layers, "attention", i) for i in range(self.layers)]
+        units += [((j + 0.75) / self.ffn_layers, "ffn", j) for j in range(self.ffn_layers)]
+        return [(kind, index) for _, kind, index in sorted(units)]
+
+    def ffn_loss(self, t: int, j: int, method: str, a: int, b: int) -> float | None:
+        """Predicted output loss of feed-forward layer ``j`` running ``method`` at step ``t``,
+        its last two computed steps ``a > b`` (``b`` = -1: none)."""
+        m = self.profile.measurements
+        loss, dist = m.ffn_loss[t][j], m.ffn_reuse[t][j][0] if t >= 1 else None
+        if loss is None or dist is None:
+            return None
+        gain = loss / dist if dist > 0 else 0.0
+        if method == "reuse":
+            value = m.ffn_reuse[t][j][t - a - 1] if t - a <= self.lags else None
+        else:
+            pair = self.pairs.get((t - a, t - b)) if b >= 0 else None
+            value = m.ffn_forecast[t][j][pair] if pair is not None else None
+        return None if value is None else gain * value
 
     def loss(self, t: int, i: int, measure: str, lag: int) -> float | None:
         """Predicted output loss of the method measured by ``measure``, alone at ``(t, i)``."""
@@ -173,19 +225,40 @@ class Predictor:
 
 
 def _rule(predictor: Predictor, budget: float, combine: Combine) -> Choice:
-    """The greedy rule on predicted losses with ``budget`` = 1 − δ."""
+    """The greedy rule on predicted losses with ``budget`` = 1 − δ.
+
+    Per step the units (attention layers, and feed-forward layers when compiled with them,
+    interleaved by depth: ``Predictor.units``) spend the step's budget in order, unit ``u``
+    of ``U`` up to ``(u + 1) / U`` of it.
+    """
     p, table, layers = predictor, predictor.table, predictor.layers
     methods = [["full"] * layers for _ in range(p.steps)]
     losses: list[list[float | None]] = [[None] * layers for _ in range(p.steps)]
+    ffn = [["compute"] * p.ffn_layers for _ in range(p.steps)]
     computed = [0] * layers  # last step that computed this layer's output (ast source)
+    before = [-1] * layers  # the computed step before it (forecast's second source)
     source = [0] * layers  # last full/asc step: the residual's step
     after_asc = [False] * layers  # whether that step was asc
+    ffn_computed, ffn_before = [0] * p.ffn_layers, [-1] * p.ffn_layers
+    units = p.units()
     for t in range(1, p.steps):
         so_far = 0.0
-        for i in range(layers):
-            limit = (i + 1) / layers * budget
-            kept, kept_loss = "full", so_far
+        scale = budget / p.weights[t] if p.weights[t] > 0 else math.inf
+        for u, (kind, i) in enumerate(units):
+            limit = (u + 1) / len(units) * scale
+            if kind == "ffn":
+                options = {"reuse": p.ffn_loss(t, i, "reuse", ffn_computed[i], ffn_before[i]),
+                           "forecast": p.ffn_loss(t, i, "forecast", ffn_computed[i], ffn_before[i])}  # fmt: skip
+                kept, so_far = _cheapest_fit(options, so_far, limit, combine, "compute")
+                ffn[t][i] = kept
+                if kept == "compute":
+                    ffn_computed[i], ffn_before[i] = t, ffn_computed[i]
+                continue
+            options = {}
             for c in p.candidates:
+                if c == "forecast":
+                    options[c] = p.forecast_loss(t, i, computed[i], before[i]) if before[i] >= 0 else None
+                    continue
                 if c == "ast":
                     row, lag = table["ast"][t][i], t - computed[i]
                 elif c == "asc":
@@ -193,19 +266,31 @@ def _rule(predictor: Predictor, budget: float, combine: Combine) -> Choice:
                 else:
                     measure = "wars_after_asc" if c == "wars" and after_asc[i] else c
                     row, lag = table[measure][t][i], t - source[i]
-                alone = row[lag] if lag < len(row) else None
-                if alone is None:
-                    continue
-                total = so_far + alone if combine == "sum" else math.hypot(so_far, alone)
-                if total <= limit:
-                    kept, kept_loss = c, total
-                    break
-            methods[t][i], losses[t][i], so_far = kept, kept_loss, kept_loss
-            if kept != "ast":
-                computed[i] = t
+                options[c] = row[lag] if lag < len(row) else None
+            kept, so_far = _cheapest_fit(options, so_far, limit, combine, "full")
+            methods[t][i], losses[t][i] = kept, so_far
+            if kept not in REUSES:
+                computed[i], before[i] = t, computed[i]
             if kept in ("full", "asc"):
                 source[i], after_asc[i] = t, kept == "asc"
-    return Choice(methods, losses, predictor.cost(methods))
+    return Choice(methods, losses, predictor.cost(methods, ffn if p.ffn_layers else None), ffn if p.ffn_layers else None)
+
+
+def _cheapest_fit(
+    options: dict[str, float | None], so_far: float, limit: float, combine: Combine, default: str
+) -> tuple[str, float]:
+    """The first option (in order) whose total loss fits ``limit``, of the reusing ones the
+    lowest; ``default`` at ``so_far`` when none fits."""
+    kept, kept_loss = default, so_far
+    for c, alone in options.items():
+        if kept != default and not (kept in REUSES_ANY and c in REUSES_ANY):
+            break
+        if alone is None:
+            continue
+        total = so_far + alone if combine == "sum" else math.hypot(so_far, alone)
+        if total <= limit and (kept == default or total < kept_loss):
+            kept, kept_loss = c, total
+    return kept, kept_loss
 
 
 def _flops(costs: list[dict[str, float]], methods: list[list[str]]) -> float:
@@ -227,13 +312,30 @@ class Compiler:
     ``objective`` ``None`` is ``time`` when the profile measured latencies, else ``flops``.
     """
 
-    def __init__(self, profile: Profile, *, combine: Combine = "sum", objective: Objective | None = None) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        combine: Combine = "sum",
+        objective: Objective | None = None,
+        weighted: bool = True,
+        ffn: bool = False,
+    ) -> None:
         self.profile = profile
         self.combine: Combine = combine
+        self.weighted = weighted and profile.measurements.step_weight is not None
+        if ffn and profile.measurements.ffn_reuse is None:
+            raise bad_input("ffn: the profile measured no feed-forward layers; profile again with --ffn")
+        if ffn and objective not in (None, "transformer"):
+            raise bad_input(f"objective: feed-forward reuse is compiled for --objective transformer (got {objective})")
+        if objective == "transformer" and profile.costs is None:
+            raise bad_input("objective: the profile has no FLOP counts ($.costs); profile again")
+        self.ffn = ffn
+        objective = "transformer" if ffn else objective
         self.objective: Objective = objective or ("time" if profile.latency is not None else "flops")
         if self.objective == "time" and profile.latency is None:
             raise bad_input("objective: the profile has no measured latencies; use --objective flops")
-        self.predictor = Predictor(profile, self.objective)
+        self.predictor = Predictor(profile, self.objective, weighted=self.weighted, ffn=ffn)
         self._rules: dict[int, Choice] = {}
         self._best: list[Choice] = []  # _best[k]: least FLOPs among rules 0..k
 
@@ -253,7 +355,8 @@ class Compiler:
             if k == 0:  # no budget: nothing to spend, as the search at δ = 1
                 grid = [["full"] * p.layers for _ in range(p.steps)]
                 losses: list[list[float | None]] = [[None] * p.layers for _ in range(p.steps)]
-                self._rules[k] = Choice(grid, losses, p.cost(grid))
+                ffn = [["compute"] * p.ffn_layers for _ in range(p.steps)] if p.ffn_layers else None
+                self._rules[k] = Choice(grid, losses, p.cost(grid, ffn), ffn)
             else:
                 self._rules[k] = _rule(p, k / RESOLUTION, self.combine)
         return self._rules[k]
@@ -261,8 +364,10 @@ class Compiler:
     def plan(self, delta: float) -> Plan:
         """The checked plan for δ, with the profile's header facts and predicted losses."""
         choice = self.choice(delta)
-        base = header_plan(self.profile, choice.methods)
-        search = SEARCH_NAMES[self.combine] + ("-time" if self.objective == "time" else "")
+        base = header_plan(self.profile, choice.methods, choice.ffn)
+        search = SEARCH_NAMES[self.combine] + ("-weighted" if self.weighted else "") + (
+            {"time": "-time", "transformer": "-transformer"}.get(self.objective, "")
+        )
         plan = msgspec.structs.replace(
             base,
             tool_version=tool_version(),
@@ -273,17 +378,29 @@ class Compiler:
 
 
 def compile_plan(
-    profile: Profile, delta: float, *, combine: Combine = "sum", objective: Objective | None = None
+    profile: Profile,
+    delta: float,
+    *,
+    combine: Combine = "sum",
+    objective: Objective | None = None,
+    weighted: bool = True,
+    ffn: bool = False,
 ) -> Plan:
     """The plan for ``delta`` compiled from ``profile`` (see the module docstring)."""
-    return Compiler(profile, combine=combine, objective=objective).plan(delta)
+    return Compiler(profile, combine=combine, objective=objective, weighted=weighted, ffn=ffn).plan(delta)
 
 
 def compile_plans(
-    profile: Profile, deltas: Iterable[float], *, combine: Combine = "sum", objective: Objective | None = None
+    profile: Profile,
+    deltas: Iterable[float],
+    *,
+    combine: Combine = "sum",
+    objective: Objective | None = None,
+    weighted: bool = True,
+    ffn: bool = False,
 ) -> list[Plan]:
     """One plan per δ, sharing the work between them."""
-    compiler = Compiler(profile, combine=combine, objective=objective)
+    compiler = Compiler(profile, combine=combine, objective=objective, weighted=weighted, ffn=ffn)
     return [compiler.plan(d) for d in deltas]
 
 

@@ -34,6 +34,7 @@ PROBES: dict[str, tuple[tuple[str, ...], int]] = {
     "wars": (("full", "wars"), 1),
     "wars_asc": (("full", "wars_asc"), 1),
     "ast": (("full", "ast"), 1),
+    "forecast": (("full", "full", "forecast"), 2),
 }
 
 
@@ -103,7 +104,7 @@ def separate_step(call: Latency) -> Latency:
     the unconditional call of a shared method returns the conditional call's output (what
     ``ast`` costs); an ``asc`` refresh hands its residual over."""
     s = call.seconds
-    seconds = {variant: 2 * s[variant] for variant in ("full", "full_refresh", "wars", "ast")}
+    seconds = {variant: 2 * s[variant] for variant in ("full", "full_refresh", "wars", "ast", "forecast")}
     seconds.update(
         asc=s["full"] + s["ast"], asc_refresh=s["full_refresh"] + s["ast"], wars_asc=s["wars"] + s["ast"]
     )

@@ -18,15 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 import runtime
 from planner import distributed
 from planner.build import BuildRequest, generation_kwargs, own_output, settle_window
+from planner.costs import measure_costs
 from planner.errors import bad_input
 from planner.latency import measure_latency
 from planner.output import write_atomic
 from planner.search import CANDIDATES, CFG_SHARING, ChunkedForward, flat, rel_l1_sums
+from planner.sensitivity import step_weights
+from runtime.feedforward import feed_forward_layers
 from runtime.recording import Recorder
 from runtime.runner import Runner
 from runtime.schedule import Schedule
@@ -36,6 +40,7 @@ from schemas import (
     Profile,
     ProfileCalibration,
     encode_profile,
+    with_figures,
 )
 
 DEFAULT_LAGS = 4
@@ -83,8 +88,10 @@ class ProfileSession(ChunkedForward):
         probes: tuple[str, ...],
         calib_batch: int | None = None,
         progress: ProfileProgress | None = None,
+        ffn_layers: int = 0,
     ) -> None:
         super().__init__(runner, transformer, calib_batch)
+        self.ffn_layers = ffn_layers
         self.lags = lags
         self.probes = probes
         self.progress = progress
@@ -93,6 +100,7 @@ class ProfileSession(ChunkedForward):
         self.losses: dict[str, list[list[float | None]]] = {
             m: [[None] * self.num_layers for _ in range(self.num_steps)] for m in probes
         }
+        self.ffn_losses: list[list[float | None]] = [[None] * ffn_layers for _ in range(self.num_steps)]
         self.recorders: list[Recorder] = []
 
     def _chunks_made(self, count: int) -> None:
@@ -112,12 +120,15 @@ class ProfileSession(ChunkedForward):
             for layer in range(self.num_layers):
                 for probe in self.probes:
                     trials[layer, probe] = flat(self._run(step, calls, {layer: probe}))
+            for j in range(self.ffn_layers):
+                trials[j, "ffn"] = flat(self._run(step, calls, {}, ffn={j: "reuse"}))
         outputs = self._run(step, calls, None, self.recorders)
         if trials:  # one collective per step: the loss of every trial over the whole batch
             reference = flat(outputs)
             sums = distributed.sum_pairs([rel_l1_sums(trial, reference) for trial in trials.values()])
             for (layer, probe), (total, count) in zip(trials, sums):
-                self.losses[probe][step][layer] = total / count
+                grid = self.ffn_losses if probe == "ffn" else self.losses[probe]
+                grid[step][layer] = total / count
         if self.progress is not None:
             for layer in range(self.num_layers):
                 self.progress(step, layer)
@@ -131,10 +142,17 @@ def profile_model(
     lags: int = DEFAULT_LAGS,
     probes: tuple[str, ...] = DEFAULT_PROBES,
     progress: ProfileProgress | None = None,
+    weights: bool = True,
+    ffn: bool = True,
+    weights_progress: Callable[[int, int], None] | None = None,
 ) -> ProfileResult:
     """Profile ``pipe`` on the calibration batch of ``request`` (its δ is not used).
 
-    ``progress(step, layer)`` is called once per measured layer-step. The pipeline is
+    ``progress(step, layer)`` is called once per measured layer-step. With ``weights``,
+    the steps' weights on the final result are measured too (``planner/sensitivity.py``;
+    ``weights_progress(done, total)`` follows them); with ``ffn``, the feed-forward layers'
+    reuse and forecast, and the gain of each (a ``reuse`` trial per layer and step). The
+    transformer's FLOPs are counted for ``$.costs`` (``planner/costs.py``). The pipeline is
     left as it was found.
     """
     if lags < 1:
@@ -143,9 +161,17 @@ def profile_model(
     cfg = draft.sampling.cfg
     probes = check_probes(tuple(probes), cfg)
     latency = measure_latency(pipe, draft, generation_kwargs(pipe, request)) if request.latency else None
-    handle = runtime.apply(draft, pipe)
+    call = generation_kwargs(pipe, request)
+    costs = measure_costs(pipe, draft, call)
+    width = len(feed_forward_layers(pipe.transformer)) if ffn else 0
+    steps = draft.sampling.num_steps
+    if width:
+        draft = msgspec.structs.replace(draft, ffn=[["compute"] * width for _ in range(steps)])
+    handle = runtime.apply(with_figures(draft), pipe)
     try:
         handle.runner.schedule = Schedule([list(row) for row in draft.methods], keep_all=True)
+        if width:
+            handle.runner.ffn_schedule = Schedule([["full"] * width for _ in range(steps)], keep_all=True)
         session = ProfileSession(
             handle.runner,
             pipe.transformer,
@@ -153,6 +179,7 @@ def profile_model(
             probes=probes,
             calib_batch=request.calib_batch,
             progress=progress,
+            ffn_layers=width,
         )
         start = time.perf_counter()
         with session.attached():
@@ -160,7 +187,10 @@ def profile_model(
         seconds = time.perf_counter() - start
     finally:
         handle.remove()
-    grids = session.recorder().grids(draft.sampling.num_steps, draft.model.num_layers)
+    step_weight = step_weights(pipe, request, progress=weights_progress) if weights else None
+    recorder = session.recorder()
+    grids = recorder.grids(steps, draft.model.num_layers)
+    ffn_grids = recorder.ffn_grids(steps, width) if width else {"ffn_reuse": None, "ffn_forecast": None}
     cfg_grid = (lambda name: grids[name]) if cfg else (lambda name: None)
     calibration = draft.calibration
     profile = Profile(
@@ -188,9 +218,15 @@ def profile_model(
             asc=cfg_grid("asc"),
             output_norm=grids["norm"],
             loss=session.losses,
+            forecast=grids["forecast"],
+            step_weight=step_weight,
+            ffn_reuse=ffn_grids["ffn_reuse"],
+            ffn_forecast=ffn_grids["ffn_forecast"],
+            ffn_loss=session.ffn_losses if width else None,
         ),
         layers=draft.layers,
         latency=latency,
+        costs=costs,
     )
     return ProfileResult(profile=profile, images=images, seconds=seconds)
 

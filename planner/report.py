@@ -23,14 +23,15 @@ from schemas import (
     window_pairs,
 )
 
-# One letter and colour per method: A = sharing across timesteps, C = across CFG halves,
-# W = window + residual, B = both window and CFG sharing.
+# One letter and colour per method: A = sharing across timesteps, P = its first-order
+# forecast, C = across CFG halves, W = window + residual, B = both window and CFG sharing.
 METHOD_STYLE: dict[str, tuple[str, str]] = {
     "full": ("F", "bright_black"),
     "wars": ("W", "cyan"),
     "ast": ("A", "green"),
     "asc": ("C", "yellow"),
     "wars_asc": ("B", "magenta"),
+    "forecast": ("P", "bright_green"),
 }
 
 

@@ -184,9 +184,11 @@ class ChunkedForward:
         calls: list[list[tuple[tuple, dict]]],
         overrides: dict[int, str] | None,
         recorders: list[Recorder] | None = None,
+        ffn: dict[int, str] | None = None,
     ) -> list[list[torch.Tensor]]:
         """Outputs per call and chunk at ``step``: a trial with ``overrides``, or the real
-        forward (recorded by the chunk's recorder when ``recorders`` is given). A trial runs
+        forward (recorded by the chunk's recorder when ``recorders`` is given); ``ffn``
+        overrides feed-forward layers in a trial. A trial runs
         each chunk's calls in order, so a separate step's second call can share the first's."""
         runner = self.runner
         outputs: list[list[torch.Tensor]] = [[] for _ in calls]
@@ -200,7 +202,7 @@ class ChunkedForward:
                     outputs[call].append(self._original(*args, return_dict=False, **kwargs)[0])
                     runner.recorder = None
                 else:
-                    with runner.trying(overrides):
+                    with runner.trying(overrides, ffn):
                         outputs[call].append(self._original(*args, return_dict=False, **kwargs)[0])
             state.call = 0
         return outputs

@@ -9,12 +9,14 @@ from typing import Any
 import torch
 
 from runtime.adapters import Adapter, adapter_for
+from runtime.feedforward import install_feed_forwards, remove_feed_forwards
 from runtime.kernels import KERNELS
 from runtime.processor import FastAttnProcessor
 from runtime.runner import Runner
 from runtime.schedule import Schedule
 from runtime.state import RunStats
 from schemas import Plan, PlanError, cfg_mode_of, config_hash
+from schemas.plan import FFN_AS_ATTENTION
 
 # How the diffusers pipelines we know run CFG, by class name (no diffusers import): the
 # row order of their CFG batch, or ``separate`` for one transformer call per CFG half
@@ -198,12 +200,16 @@ class FastAttnHandle:
             cfg_mode=cfg_mode_of(plan.sampling),
             adapters=adapters,
             merged_refresh=merged_refresh,
+            ffn_schedule=Schedule([[FFN_AS_ATTENTION[m] for m in row] for row in plan.ffn]) if plan.ffn else None,
         )
         self._scheduler = getattr(target, "scheduler", None) if target is not model else None
         self._timesteps_hook: TimestepsHook | None = None
         self._compiled: CompiledBlocks | None = None
         self._installed: Installed | None = install(self.runner, model, layers)
+        self._feed_forwards: list[tuple[torch.nn.Module, Any]] = []
         try:
+            if plan.ffn:
+                self._feed_forwards = install_feed_forwards(self.runner, model, len(plan.ffn[0]))
             if self._scheduler is not None and hasattr(self._scheduler, "set_timesteps"):
                 self._timesteps_hook = TimestepsHook.add(self._scheduler, self._timesteps_set)
             if compile is not False:
@@ -224,6 +230,8 @@ class FastAttnHandle:
             self._compiled = None
         self._installed.remove()
         self._installed = None
+        remove_feed_forwards(self._feed_forwards)
+        self._feed_forwards = []
         if self._timesteps_hook is not None:
             self._timesteps_hook.discard(self._timesteps_set)
             self._timesteps_hook = None

@@ -10,6 +10,7 @@ from runtime.adapters import SELF, Adapter, AttnCall, Outputs, joined
 from runtime.kernels import full_attention
 from runtime.schedule import COMPUTES_FULL
 from schemas import PlanError
+from schemas.plan import REUSES_OUTPUT
 
 if TYPE_CHECKING:
     from runtime.runner import LayerStep, Runner
@@ -24,7 +25,8 @@ class FastAttnProcessor:
     the layer's cached residual; ``ast`` the layer's most recent computed output,
     skipping q/k/v; ``asc`` full attention on the conditional rows, copied to the
     unconditional ones; ``wars_asc`` window plus residual on the conditional rows,
-    copied. What to run and which caches to touch is a ``LayerStep`` made by the
+    copied; ``forecast`` the layer's last two computed outputs extrapolated, first order
+    in the timestep, to this step, skipping q/k/v. What to run and which caches to touch is a ``LayerStep`` made by the
     shared ``Runner`` (``Runner.layer_step``); ``execute`` runs it. ``adapter`` says how
     the layer's processor family makes q/k/v and its outputs (``runtime/adapters.py``).
 
@@ -66,7 +68,7 @@ MERGED_REFRESH = ("cpu",)
 
 
 def execute(runner: Runner, todo: LayerStep, adapter: Adapter, attn: Any, call: AttnCall) -> Outputs:
-    """Run one layer-step: the single implementation of the five methods and their caches.
+    """Run one layer-step: the single implementation of the six methods and their caches.
 
     With CFG batched, ``asc``/``wars_asc`` compute the conditional rows and copy them to
     both halves; with CFG in separate calls the conditional call computes its rows and
@@ -86,11 +88,11 @@ def execute(runner: Runner, todo: LayerStep, adapter: Adapter, attn: Any, call: 
     if todo.writes:
         cache.rows, cache.tokens = rows_all, num_tokens
 
-    if method == "ast":
+    if method in REUSES_OUTPUT:
         out = cache.output
         if out is None:
-            raise PlanError(f"$.methods[{todo.step}][{todo.layer}]: 'ast' has no earlier output to reuse")
-        return out
+            raise PlanError(f"$.methods[{todo.step}][{todo.layer}]: {method!r} has no earlier output to reuse")
+        return out if method == "ast" else _forecast(todo, out, cache.previous)
     shared = method in SHARED
     if shared and todo.second:
         return _from_conditional_call(todo)
@@ -127,7 +129,7 @@ def execute(runner: Runner, todo: LayerStep, adapter: Adapter, attn: Any, call: 
         if todo.recorder is not None and method == "full" and call.attention_mask is None:
             _record(runner, todo, adapter, attn, call, q, k, v, o, out)
         if todo.keep:
-            cache.output = out
+            cache.keep(out, todo.step)
     if shared and runner.cfg_mode == "separate":  # this step's unconditional call (or trial) returns it
         cache.shared = out
     return out
@@ -149,8 +151,22 @@ def _from_conditional_call(todo: LayerStep) -> Outputs:
         if todo.refresh:
             cache.residual, cache.residual_cond_only = partner.residual, False
         if todo.keep:
-            cache.output = out
+            cache.keep(out, todo.step)
     return out
+
+
+def _forecast(todo: LayerStep, last: Outputs, before: Outputs | None) -> Outputs:
+    """``last + (last - before) × c``: the first-order extrapolation whose coefficient
+    ``c = (τ_t − τ_a) / (τ_a − τ_b)`` the runner computed from the timesteps of this step and
+    of the two outputs' steps (``Runner.forecast_coefficient``)."""
+    if before is None or todo.coefficient is None:
+        raise PlanError(
+            f"$.methods[{todo.step}][{todo.layer}]: 'forecast' needs the layer's two earlier computed outputs"
+        )
+    c = todo.coefficient
+    if isinstance(last, tuple):
+        return tuple(None if a is None else a + (a - b) * c for a, b in zip(last, before))
+    return last + (last - before) * c
 
 
 @torch.compiler.disable

@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from schemas.profile import forecast_pairs
+
 if TYPE_CHECKING:
     from runtime.runner import Runner
 
 MEASURES = ("ast", "wars", "wars_after_asc", "wars_asc")  # per lag
+# forecast: per pair of lags (j, k), 1 <= j < k <= lags, stored under index ``pair``
 CFG_MEASURES = ("wars_after_asc", "wars_asc", "asc")
 
 Project = Callable[[torch.Tensor], torch.Tensor]
@@ -48,14 +51,17 @@ class Recorder:
             raise ValueError(f"lags: must be >= 1 (got {lags})")
         self.lags = lags
         self.reference: dict[tuple[int, int], float] = {}  # (step, layer) -> ||O_t||^2
+        self.ffn_reference: dict[tuple[int, int], float] = {}  # (step, feed-forward layer) -> ||F_t||^2
         self.squared: dict[tuple[str, int, int, int], float] = {}  # (measure, step, layer, lag)
         self._history: dict[tuple[int, int], deque[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self._pending: dict[int, tuple[int, torch.Tensor, dict[int, torch.Tensor]]] = {}
+        self._ffn_history: dict[tuple[int, int], deque[tuple[int, torch.Tensor]]] = {}
 
     def reset(self) -> None:
         """Forget the cached history (a new generation starts); the sums stay."""
         self._history.clear()
         self._pending.clear()
+        self._ffn_history.clear()
 
     def record(
         self,
@@ -87,6 +93,7 @@ class Recorder:
         both = runner.copy_to_both_halves
         if cfg:
             self._add("asc", step, layer, 0, both(out[rows]) - out)
+        self._record_forecasts(runner, step, layer, out, history)
         wars_outputs = {}
         for earlier, out_s, residual_s in history:
             lag = step - earlier
@@ -102,6 +109,42 @@ class Recorder:
         if runner.cfg_mode == "separate":
             self._record_shared(call, step, layer, window, out, project, wars_outputs)
         history.append((step, out.detach(), residual.detach()))
+
+    def record_ffn(self, runner: Runner, layer: int, out: torch.Tensor) -> None:
+        """Measure feed-forward layer ``layer``'s computed output ``out``: what ``reuse`` from up to
+        ``lags`` steps back (``ffn_reuse``) and ``forecast`` from each pair (``ffn_forecast``) give."""
+        step = runner.state.step
+        call = runner.state.call if runner.cfg_mode == "separate" else 0
+        history = self._ffn_history.setdefault((call, layer), deque(maxlen=self.lags))
+        if history and history[-1][0] >= step:
+            history.clear()
+        key = (step, layer)
+        self.ffn_reference[key] = self.ffn_reference.get(key, 0.0) + _squared(out)
+        for earlier, out_s in history:
+            self._add("ffn_reuse", step, layer, step - earlier, out_s - out)
+        for pair, forecast in self._forecasts(runner, step, history):
+            self._add("ffn_forecast", step, layer, pair, forecast - out)
+        history.append((step, out.detach()))
+
+    def _forecasts(self, runner: Runner, step: int, history: deque) -> list[tuple[int, torch.Tensor]]:
+        """``(pair, forecast)`` from every pair of recorded outputs, as the runtime computes it."""
+        earlier = {entry[0]: entry[1] for entry in history}
+        found = []
+        for pair, (j, k) in enumerate(forecast_pairs(self.lags)):
+            a, b = step - j, step - k
+            if a in earlier and b in earlier:
+                times = runner.timesteps
+                span = times[a] - times[b]
+                c = (times[step] - times[a]) / span if span else 0.0
+                found.append((pair, earlier[a] + (earlier[a] - earlier[b]) * torch.tensor(c, dtype=torch.float64)))
+        return found
+
+    def _record_forecasts(
+        self, runner: Runner, step: int, layer: int, out: torch.Tensor, history: deque
+    ) -> None:
+        """``forecast`` from every pair of recorded earlier outputs, as the runtime computes it."""
+        for pair, forecast in self._forecasts(runner, step, history):
+            self._add("forecast", step, layer, pair, forecast - out)
 
     def _record_shared(
         self,
@@ -144,26 +187,33 @@ class Recorder:
         """Add ``other``'s sums to this recorder's (the rows of another chunk)."""
         for key, value in other.reference.items():
             self.reference[key] = self.reference.get(key, 0.0) + value
+        for key, value in other.ffn_reference.items():
+            self.ffn_reference[key] = self.ffn_reference.get(key, 0.0) + value
         for key, value in other.squared.items():
             self.squared[key] = self.squared.get(key, 0.0) + value
 
     def reduce(self, sum_all: Callable[[list[float]], list[float]]) -> None:
         """Replace the sums by ``sum_all`` of them, in key order: e.g. their sums over the ranks
         of a data-parallel run, which all recorded the same (step, layer, lag) keys."""
-        keys = sorted(self.reference), sorted(self.squared)
-        values = iter(sum_all([self.reference[k] for k in keys[0]] + [self.squared[k] for k in keys[1]]))
+        keys = sorted(self.reference), sorted(self.ffn_reference), sorted(self.squared)
+        values = iter(sum_all(
+            [self.reference[k] for k in keys[0]] + [self.ffn_reference[k] for k in keys[1]]
+            + [self.squared[k] for k in keys[2]]
+        ))  # fmt: skip
         self.reference = {k: next(values) for k in keys[0]}
-        self.squared = {k: next(values) for k in keys[1]}
+        self.ffn_reference = {k: next(values) for k in keys[1]}
+        self.squared = {k: next(values) for k in keys[2]}
 
     def distance(self, measure: str, step: int, layer: int, lag: int = 0) -> float | None:
         """``||X - O_t|| / ||O_t||`` over every recorded row; ``None`` if not measured.
 
-        ``lag`` is 0 for ``asc`` and the number of steps back for the cache measures.
+        ``lag`` is 0 for ``asc``, the number of steps back for the cache measures and the
+        index of the pair of lags for ``forecast``.
         """
         squared = self.squared.get((measure, step, layer, lag))
         if squared is None:
             return None
-        reference = self.reference[(step, layer)]
+        reference = (self.ffn_reference if measure.startswith("ffn_") else self.reference)[(step, layer)]
         if reference == 0.0:
             return 0.0 if squared == 0.0 else math.inf
         return math.sqrt(squared / reference)
@@ -175,9 +225,23 @@ class Recorder:
                 for t in range(steps)]
             for m in MEASURES
         }
+        pairs = range(len(forecast_pairs(self.lags)))
+        grids["forecast"] = [
+            [[self.distance("forecast", t, i, p) for p in pairs] for i in range(layers)] for t in range(steps)
+        ]
         grids["asc"] = [[self.distance("asc", t, i) for i in range(layers)] for t in range(steps)]
         grids["norm"] = [[self.norm(t, i) for i in range(layers)] for t in range(steps)]
         return grids
+
+    def ffn_grids(self, steps: int, layers: int) -> dict[str, list]:
+        """``ffn_reuse`` as ``[step][layer][lag - 1]``, ``ffn_forecast`` as ``[step][layer][pair]``."""
+        pairs = range(len(forecast_pairs(self.lags)))
+        return {
+            "ffn_reuse": [[[self.distance("ffn_reuse", t, j, lag) for lag in range(1, self.lags + 1)]
+                           for j in range(layers)] for t in range(steps)],
+            "ffn_forecast": [[[self.distance("ffn_forecast", t, j, p) for p in pairs] for j in range(layers)]
+                             for t in range(steps)],
+        }  # fmt: skip
 
     def norm(self, step: int, layer: int) -> float | None:
         """``||O_t||`` over every recorded row; ``None`` if not recorded."""

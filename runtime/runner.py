@@ -17,6 +17,9 @@ from runtime.schedule import COMPUTES_FULL, Schedule
 from runtime.state import GenerationState, LayerCache
 from runtime.windows import BoundKernel, bind_window
 from schemas import Layer, PlanError, WindowShape
+from schemas.plan import FFN_AS_ATTENTION, REUSES_OUTPUT
+
+FFN_FROM_ATTENTION = {v: k for k, v in FFN_AS_ATTENTION.items()}
 
 if TYPE_CHECKING:
     from runtime.processor import FastAttnProcessor
@@ -52,6 +55,7 @@ class LayerStep:
     recorder: Recorder | None
     step: int
     layer: int
+    coefficient: torch.Tensor | None = None  # forecast: (τ_t − τ_a) / (τ_a − τ_b), a 0-dim float64
 
 
 class Runner:
@@ -79,8 +83,10 @@ class Runner:
         cfg_mode: str | None = None,
         adapters: list[Adapter] | None = None,
         merged_refresh: bool = False,
+        ffn_schedule: Schedule | None = None,
     ) -> None:
         self.schedule = schedule
+        self.ffn_schedule = ffn_schedule  # over $.ffn read as full/ast/forecast (runtime/feedforward.py)
         self.window = window
         self.cfg = cfg
         self.cfg_order = cfg_order
@@ -90,8 +96,10 @@ class Runner:
         self.layers = layers
         self.null_class = null_class
         self.state = GenerationState()
+        self.timesteps: dict[int, float] = {}  # step -> the timestep its forward got (step index if none)
         self.trial = False
         self.overrides: dict[int, str] = {}
+        self.ffn_overrides: dict[int, str] = {}
         self.recorder: Recorder | None = None  # recording mode (runtime/recording.py)
         self.processors: list[FastAttnProcessor] = []  # installed, in layer order
         self._kernel_name = kernel
@@ -111,12 +119,14 @@ class Runner:
         state, schedule = self.state, self.schedule
         step = state.step
         second = self.cfg_mode == "separate" and state.call == 1
+        method = self.method(layer)
+        cache = state.cache(layer)
         return LayerStep(
-            method=self.method(layer),
+            method=method,
             refresh=schedule.refreshes_residual(step, layer),
             keep=schedule.keeps_output(step, layer),
             writes=not self.trial,
-            cache=state.cache(layer),
+            cache=cache,
             window=self.window_kernel(layer),
             merged_refresh=self._refresh_kernels[layer],
             num_tokens=self.layers[layer].num_tokens if self.layers else self.num_tokens,
@@ -126,16 +136,36 @@ class Runner:
             recorder=None if self.trial else self.recorder,
             step=step,
             layer=layer,
+            coefficient=self.forecast_coefficient(step, cache) if method == "forecast" else None,
         )
 
+    def forecast_coefficient(self, step: int, cache: LayerCache) -> torch.Tensor | None:
+        """``(τ_t − τ_a) / (τ_a − τ_b)`` for a ``forecast`` at ``step`` from the outputs of steps
+        ``a`` (``cache.output_step``) and ``b`` (``cache.previous_step``), ``τ`` their timesteps;
+        0 (a copy) where the two timesteps are equal. ``None`` without two kept outputs."""
+        a, b = cache.output_step, cache.previous_step
+        times = self.timesteps
+        if cache.previous is None or not {step, a, b} <= times.keys():
+            return None
+        span = times[a] - times[b]
+        value = (times[step] - times[a]) / span if span else 0.0
+        return torch.tensor(value, dtype=torch.float64)
+
+    def ffn_method(self, layer: int) -> str:
+        """Feed-forward layer ``layer``'s method at the current step (with this trial's overrides)."""
+        if layer in self.ffn_overrides:
+            return self.ffn_overrides[layer]
+        return FFN_FROM_ATTENTION[self.ffn_schedule.method(self.state.step, layer)]
+
     @contextmanager
-    def trying(self, overrides: dict[int, str]) -> Iterator[None]:
-        """Run forwards with ``overrides`` at the current step, writing no cache."""
-        self.trial, self.overrides = True, dict(overrides)
+    def trying(self, overrides: dict[int, str], ffn: dict[int, str] | None = None) -> Iterator[None]:
+        """Run forwards with ``overrides`` (and feed-forward ``ffn`` overrides) at the current
+        step, writing no cache."""
+        self.trial, self.overrides, self.ffn_overrides = True, dict(overrides), dict(ffn or {})
         try:
             yield
         finally:
-            self.trial, self.overrides = False, {}
+            self.trial, self.overrides, self.ffn_overrides = False, {}, {}
 
     def text_tokens(self, layer: int) -> int:
         """Text tokens in ``layer``'s attention sequence (0 but for joint layers)."""
@@ -312,6 +342,8 @@ class Runner:
                 f"$.sampling.num_steps: plan has {self.schedule.num_steps} steps, this is "
                 f"forward {state.step + 1} of the generation; call reset() between generations"
             )
+        if not self.trial:
+            self.timesteps[state.step] = _time_value(timestep, state.step)
         if not self.trial and not state.checked_inputs:
             self.check_inputs(hidden_states, class_labels)
             state.checked_inputs = True
@@ -343,7 +375,7 @@ class Runner:
             if not state.cache(layer).rows:  # did not run (the planner runs chunks itself)
                 continue
             refreshed = method in COMPUTES_FULL and schedule.refreshes_residual(step, layer)
-            kept = method != "ast" and schedule.keeps_output(step, layer)
+            kept = method not in REUSES_OUTPUT and schedule.keeps_output(step, layer)
             stores.append((layer, refreshed, kept))
         state.note_stores(stores)
         for layer in range(len(row)):
@@ -352,7 +384,11 @@ class Runner:
             if free_residual:
                 cache.residual = None
             if free_output:
-                cache.output = None
+                cache.free_outputs()
+        if self.ffn_schedule is not None:
+            for j in range(len(self.ffn_schedule.methods[step])):
+                if self.ffn_schedule.frees_after(step, j)[1]:
+                    state.ffn_cache(j).free_outputs()
         if self.cfg_mode == "separate" and state.call == 0:
             state.call = 1
             return
@@ -367,6 +403,13 @@ class Runner:
             state.stats.generations += 1
         state.stats.steps += 1
         state.step += 1
+
+
+def _time_value(timestep: Any, step: int) -> float:
+    """A step's timestep as a number (the first row's); the step index when the call has none."""
+    if torch.is_tensor(timestep):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else float(step)
+    return float(timestep) if isinstance(timestep, (int, float)) else float(step)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from schemas.latency import COMPUTES_FULL, USES_RESIDUAL, refreshed_cells
+from schemas.plan import REUSES_OUTPUT
 
 
 class Schedule:
@@ -12,6 +13,8 @@ class Schedule:
     are unknown) every computed step keeps its output and every ``full``/``asc``
     step refreshes its residual. Otherwise caches are kept only when a later step
     reads them, and freed after that step: the outputs are the same either way.
+    An ``ast`` step reads the layer's last computed output, a ``forecast`` step its
+    last two (``LayerCache.output`` and ``LayerCache.previous``).
     """
 
     def __init__(self, methods: list[list[str]], *, keep_all: bool = False) -> None:
@@ -38,9 +41,9 @@ class Schedule:
         return (step, layer) in self._refresh
 
     def keeps_output(self, step: int, layer: int) -> bool:
-        """Whether this step's computed output is kept for a following ``ast`` step."""
+        """Whether this step's computed output is kept for a later ``ast``/``forecast`` step."""
         if self.keep_all:
-            return self.methods[step][layer] != "ast"
+            return self.methods[step][layer] not in REUSES_OUTPUT
         return (step, layer) in self._keep_output
 
     def frees_after(self, step: int, layer: int) -> tuple[bool, bool]:
@@ -63,7 +66,7 @@ class Schedule:
                 m = row[i]
                 cond = m in USES_RESIDUAL and source == "asc"
                 found.add((m, m in COMPUTES_FULL and self.refreshes_residual(t, i),
-                           m != "ast" and self.keeps_output(t, i), cond))
+                           m not in REUSES_OUTPUT and self.keeps_output(t, i), cond))
                 if m in COMPUTES_FULL:
                     source = m
         return found
@@ -78,11 +81,26 @@ class Schedule:
             for t, m in enumerate(column):
                 if m not in USES_RESIDUAL:
                     continue
-                later = next((u for u in range(t + 1, steps) if column[u] != "ast"), None)
+                later = next((u for u in range(t + 1, steps) if column[u] not in REUSES_OUTPUT), None)
                 if later is None or column[later] not in USES_RESIDUAL:
                     self._free_residual.add((t, i))
-            for t, m in enumerate(column):
-                if m != "ast" and t + 1 < steps and column[t + 1] == "ast":
-                    self._keep_output.add((t, i))
-                if m == "ast" and (t + 1 == steps or column[t + 1] != "ast"):
-                    self._free_output.add((t, i))
+            self._derive_outputs(i, column)
+
+    def _derive_outputs(self, layer: int, column: list[str]) -> None:
+        """Keep each computed output a later reader reads; free the outputs after a reader
+        whose sources no later reader reads (a later reader reading the older of a pair
+        always reads the newer too, so the pair goes together)."""
+        computed: list[int] = []
+        readers: list[tuple[int, set[int]]] = []
+        for t, m in enumerate(column):
+            if m not in REUSES_OUTPUT:
+                computed.append(t)
+                continue
+            sources = set(computed[-1:] if m == "ast" else computed[-2:])
+            readers.append((t, sources))
+            self._keep_output.update((s, layer) for s in sources)
+        later: set[int] = set()
+        for t, sources in reversed(readers):
+            if not sources & later:
+                self._free_output.add((t, layer))
+            later |= sources

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.adapters import Outputs
-from schemas import METHODS, WindowShape, method_cost
+from schemas import FFN_METHODS, METHODS, WindowShape, method_cost
 
 
 @dataclass
@@ -27,6 +27,22 @@ class RunStats:
     attention_flops: float = 0.0
     full_attention_flops: float = 0.0
     peak_cache_bytes: int = 0
+    ffn_counts: dict[str, int] = field(default_factory=lambda: {m: 0 for m in FFN_METHODS})
+    ffn_tokens: int = 0
+    full_ffn_tokens: int = 0
+
+    @property
+    def ffn_flops_fraction(self) -> float:
+        """Tokens the feed-forward layers computed over the tokens they were given."""
+        return self.ffn_tokens / self.full_ffn_tokens if self.full_ffn_tokens else 1.0
+
+    def count_ffn(self, method: str, tokens: int, *, first_call: bool) -> None:
+        """One feed-forward layer's call on ``tokens`` tokens (its method counted once a step)."""
+        if first_call:
+            self.ffn_counts[method] += 1
+        self.full_ffn_tokens += tokens
+        if method == "compute":
+            self.ffn_tokens += tokens
 
     @property
     def layer_steps(self) -> int:
@@ -47,6 +63,8 @@ class RunStats:
             "layer_steps": self.layer_steps,
             "attention_flops_fraction": self.attention_flops_fraction,
             "peak_cache_bytes": self.peak_cache_bytes,
+            "ffn_counts": dict(self.ffn_counts),
+            "ffn_flops_fraction": self.ffn_flops_fraction,
         }
 
 
@@ -71,8 +89,10 @@ def _nbytes(t: Outputs | None) -> int:
 class LayerCache:
     """One layer's caches in one generation, as plain attributes.
 
-    ``output``: the attention output kept for a later ``ast`` step (a joint layer's
-    outputs as a tuple); ``residual`` (and ``residual_cond_only``): the residual kept for
+    ``output``: the attention output kept for a later ``ast``/``forecast`` step (a joint
+    layer's outputs as a tuple), computed at step ``output_step``; ``previous`` (of step
+    ``previous_step``): the output kept before it, which a ``forecast`` also reads;
+    ``residual`` (and ``residual_cond_only``): the residual kept for
     later ``wars``/``wars_asc`` steps; ``shared``: with CFG in separate calls, the
     conditional call's output of an ``asc``/``wars_asc`` step, which the unconditional
     call of the same step returns.
@@ -85,6 +105,9 @@ class LayerCache:
 
     def __init__(self) -> None:
         self.output: Outputs | None = None
+        self.output_step = -1
+        self.previous: Outputs | None = None
+        self.previous_step = -1
         self.residual: torch.Tensor | None = None
         self.residual_cond_only = False
         self.shared: Outputs | None = None  # separate CFG: this conditional call's output for the next call
@@ -92,11 +115,19 @@ class LayerCache:
         self.tokens = 0
         self.merged_refresh = False  # this step's refresh ran merged (about one full attention)
 
+    def keep(self, out: Outputs, step: int) -> None:
+        """Keep ``out`` (computed at ``step``) as the latest output; the one before becomes ``previous``."""
+        self.previous, self.previous_step = self.output, self.output_step
+        self.output, self.output_step = out, step
+
+    def free_outputs(self) -> None:
+        self.output = self.previous = None
+
     def residual_bytes(self) -> int:
         return _nbytes(self.residual)
 
     def output_bytes(self) -> int:
-        return _nbytes(self.output) + _nbytes(self.shared)
+        return _nbytes(self.output) + _nbytes(self.previous) + _nbytes(self.shared)
 
 
 class GenerationState:
@@ -119,6 +150,7 @@ class GenerationState:
         self.in_forward = False
         self.checked_inputs = False
         self.calls: list[list[LayerCache]] = [[]]
+        self.ffn_calls: list[list[LayerCache]] = [[]]
         self._bytes_before: list[tuple[int, int]] = []
         self._total_before = 0
 
@@ -132,6 +164,16 @@ class GenerationState:
             caches.append(LayerCache())
         return caches[layer]
 
+    def ffn_cache(self, layer: int, call: int | None = None) -> LayerCache:
+        """The output caches of feed-forward layer ``layer`` in ``call`` (default: the current call)."""
+        call = self.call if call is None else call
+        while len(self.ffn_calls) <= call:
+            self.ffn_calls.append([])
+        caches = self.ffn_calls[call]
+        while len(caches) <= layer:
+            caches.append(LayerCache())
+        return caches[layer]
+
     @property
     def caches(self) -> list[LayerCache]:
         """The first (or only) call's caches by layer."""
@@ -139,7 +181,7 @@ class GenerationState:
 
     @property
     def outputs(self) -> dict[int, Outputs]:
-        """The kept ``ast`` outputs by layer (a view for inspection)."""
+        """The latest kept outputs by layer (a view for inspection)."""
         return {i: c.output for i, c in enumerate(self.caches) if c.output is not None}
 
     @property
@@ -152,7 +194,8 @@ class GenerationState:
         }
 
     def cache_bytes(self) -> int:
-        return sum(c.residual_bytes() + c.output_bytes() for caches in self.calls for c in caches)
+        attention = sum(c.residual_bytes() + c.output_bytes() for caches in self.calls for c in caches)
+        return attention + sum(c.output_bytes() for caches in self.ffn_calls for c in caches)
 
     def step_started(self, layers: int) -> None:
         """Before a call's forward: no layer has run yet; remember what the caches hold."""

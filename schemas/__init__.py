@@ -10,11 +10,13 @@ from schemas.latency import (
 )
 from schemas.plan import (
     CFG_MODES,
+    FFN_METHODS,
     METHODS,
     READABLE_VERSIONS,
     SCHEMA_VERSION,
     Calibration,
     CfgMode,
+    Costs,
     CfgOrder,
     Layer,
     LayerKind,
@@ -38,6 +40,7 @@ from schemas.plan import (
     summarize,
     window_name,
     window_pairs,
+    with_figures,
     with_latency,
 )
 from schemas.profile import (
@@ -48,6 +51,7 @@ from schemas.profile import (
     ProfileError,
     decode_profile,
     encode_profile,
+    forecast_pairs,
     profile_json_schema,
 )
 from schemas.windows import Tiles1d, Tiles2d, Tiles3d, keys_per_query, tile_span, tile_start
@@ -61,6 +65,9 @@ __all__ = [
     "variant_grid",
     "with_latency",
     "CFG_MODES",
+    "Costs",
+    "FFN_METHODS",
+    "with_figures",
     "METHODS",
     "PROFILE_SCHEMA_VERSION",
     "READABLE_VERSIONS",
@@ -88,6 +95,7 @@ __all__ = [
     "decode_profile",
     "encode_plan",
     "encode_profile",
+    "forecast_pairs",
     "json_schema",
     "layer_weight",
     "plan_layers",

@@ -11,9 +11,9 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-LatencyVariant = Literal["full", "full_refresh", "asc", "asc_refresh", "wars", "wars_asc", "ast"]
+LatencyVariant = Literal["full", "full_refresh", "asc", "asc_refresh", "wars", "wars_asc", "ast", "forecast"]
 LATENCY_VARIANTS: tuple[str, ...] = (
-    "full", "full_refresh", "asc", "asc_refresh", "wars", "wars_asc", "ast",
+    "full", "full_refresh", "asc", "asc_refresh", "wars", "wars_asc", "ast", "forecast",
 )  # fmt: skip
 CFG_VARIANTS = ("asc", "asc_refresh", "wars_asc")
 COMPUTES_FULL = ("full", "asc")

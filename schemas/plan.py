@@ -18,11 +18,18 @@ from msgspec import Meta, Struct
 from schemas.latency import Latency, check_latency, time_fraction
 from schemas.windows import TILED, Tiles1d, Tiles2d, Tiles3d, tiled_name, tiled_pairs, tiles_problem
 
-SCHEMA_VERSION = 3  # 2: tiled windows (schemas/windows.py); 3: joint layers, CFG modes
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4  # 2: tiled windows (schemas/windows.py); 3: joint layers, CFG modes; 4: forecast
+READABLE_VERSIONS = (1, 2, 3, 4)
 
-Method = Literal["full", "wars", "ast", "asc", "wars_asc"]
-METHODS: tuple[str, ...] = ("full", "wars", "ast", "asc", "wars_asc")
+Method = Literal["full", "wars", "ast", "asc", "wars_asc", "forecast"]
+METHODS: tuple[str, ...] = ("full", "wars", "ast", "asc", "wars_asc", "forecast")
+REUSES_OUTPUT = ("ast", "forecast")  # run no attention: the layer's earlier computed outputs
+FfnMethod = Literal["compute", "reuse", "forecast"]
+FFN_METHODS: tuple[str, ...] = ("compute", "reuse", "forecast")
+# the attention method whose caching a feed-forward method follows (runtime/schedule.py)
+FFN_AS_ATTENTION = {"compute": "full", "reuse": "ast", "forecast": "forecast"}
+# share of a layer's q/k/v and output projections each attention method runs
+PROJECTED = {"full": 1.0, "wars": 1.0, "asc": 0.5, "wars_asc": 0.5, "ast": 0.0, "forecast": 0.0}
 CfgOrder = Literal["uncond_cond", "cond_uncond"]
 CfgMode = Literal["batched", "separate", "none"]
 CFG_MODES: tuple[str, ...] = ("batched", "separate", "none")
@@ -150,25 +157,52 @@ class Calibration(Struct, forbid_unknown_fields=True, frozen=True):
     window_errors: WindowErrors | None = None  # --window auto: each candidate's error; the least won
 
 
+class Costs(Struct, forbid_unknown_fields=True, frozen=True):
+    """FLOPs of one transformer forward, counted on the model when it was planned (schema 4).
+
+    ``attention[i]``: self-attention layer ``i``'s attention proper (scores and weighted
+    values, all keys); ``projections[i]``: its q/k/v and output projections; ``ffn[j]``:
+    feed-forward layer ``j``; ``other``: the rest (embeddings, norms, cross-attention, the
+    output layer). Only their ratios are used.
+    """
+
+    attention: list[Annotated[float, Meta(ge=0.0)]]
+    projections: list[Annotated[float, Meta(ge=0.0)]]
+    ffn: list[Annotated[float, Meta(ge=0.0)]]
+    other: Annotated[float, Meta(ge=0.0)]
+
+
 class Summary(Struct, forbid_unknown_fields=True, frozen=True):
-    """Figures derived from the grid; checked against it on decode."""
+    """Figures derived from the grid; checked against it on decode.
+
+    ``ffn_flops_fraction`` (with ``$.ffn``): feed-forward FLOPs computed over all-``compute``;
+    ``transformer_flops_fraction`` (with ``$.costs``): the whole transformer's FLOPs kept,
+    attention, projections, feed-forward and the rest together.
+    """
 
     attention_flops_fraction: Fraction
     method_counts: dict[Method, NonNegInt]
     time_fraction: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None  # predicted, from $.latency
+    ffn_flops_fraction: Fraction | None = None
+    transformer_flops_fraction: Fraction | None = None
 
 
 class Plan(Struct, forbid_unknown_fields=True, frozen=True):
     """A DiTFastAttn plan: a method per (step, layer) plus everything needed to trust it.
 
     ``methods[t][i]`` is the method of self-attention layer ``i`` at denoising step
-    ``t``; ``window`` is the window of every ``wars`` step: an integer is the half-width
+    ``t`` (``forecast``, schema version 4: the layer's last two computed outputs
+    extrapolated to this step's timestep, first order; ``runtime/processor.py``); ``window`` is the window of every ``wars`` step: an integer is the half-width
     ``w`` (in tokens) of the band, query ``i`` sees keys ``i - w .. i + w``; an object is
     a tiled shape (``schemas/windows.py``). ``losses[t][i]``, when present, is the
     calibration loss of the kept decision (``None`` where none was measured).
     ``layers`` describes each layer of a video DiT (kind, tokens, window); image
     plans leave it out, and every layer then attends over ``tokens.num_tokens`` with
     ``window``.
+    ``ffn[t][j]`` (schema version 4) is the method of feed-forward layer ``j`` at step
+    ``t`` (``runtime/feedforward.py``): ``compute``; ``reuse``, its last computed output;
+    ``forecast``, its last two extrapolated to this step's timestep, first order.
+    ``costs`` gives the FLOPs the summary's transformer fraction weighs by.
     """
 
     schema_version: int
@@ -183,6 +217,8 @@ class Plan(Struct, forbid_unknown_fields=True, frozen=True):
     losses: list[list[Annotated[float, Meta(ge=0.0)] | None]] | None = None
     layers: list[Layer] | None = None
     latency: Latency | None = None
+    ffn: list[list[FfnMethod]] | None = None
+    costs: Costs | None = None
 
 
 def with_latency(plan: Plan, latency: Latency | None) -> Plan:
@@ -193,6 +229,42 @@ def with_latency(plan: Plan, latency: Latency | None) -> Plan:
     fraction = time_fraction(plan.methods, latency) if latency is not None else None
     summary = msgspec.structs.replace(plan.summary, time_fraction=fraction)
     return msgspec.structs.replace(plan, latency=latency, summary=summary)
+
+
+def with_figures(plan: Plan) -> Plan:
+    """``plan`` with its summary's feed-forward and transformer fractions derived from the grids."""
+    ffn, total = flops_fractions(plan)
+    summary = msgspec.structs.replace(plan.summary, ffn_flops_fraction=ffn, transformer_flops_fraction=total)
+    return msgspec.structs.replace(plan, summary=summary)
+
+
+def flops_fractions(plan: Plan) -> tuple[float | None, float | None]:
+    """(feed-forward, transformer) FLOPs kept: ``None`` without ``$.ffn`` (resp. ``$.costs``).
+
+    Feed-forward layers weigh by ``costs.ffn`` (equally without costs). The transformer
+    fraction counts per step each attention layer's attention at its method's cost, its
+    projections at ``PROJECTED``'s share, each feed-forward layer when computed, and the rest.
+    """
+    costs, steps = plan.costs, len(plan.methods)
+    ffn_grid = plan.ffn
+    ffn_weights = list(costs.ffn) if costs is not None else [1.0] * len(ffn_grid[0] if ffn_grid else ())
+    ffn_kept = ffn_full = 0.0
+    for t in range(steps):
+        for j, weight in enumerate(ffn_weights):
+            ffn_full += weight
+            ffn_kept += weight if ffn_grid is None or ffn_grid[t][j] == "compute" else 0.0
+    ffn = (ffn_kept / ffn_full if ffn_full else 1.0) if ffn_grid is not None else None
+    if costs is None:
+        return ffn, None
+    layers = plan_layers(plan)
+    kept = steps * costs.other + ffn_kept
+    full = steps * (costs.other + sum(costs.attention) + sum(costs.projections)) + ffn_full
+    for row in plan.methods:
+        for i, m in enumerate(row):
+            x = layers[i]
+            kept += costs.attention[i] * method_cost(m, x.num_tokens, x.window, x.text_tokens)
+            kept += costs.projections[i] * PROJECTED[m]
+    return ffn, (kept / full if full else 1.0)
 
 
 def cfg_mode_of(sampling: Sampling) -> str:
@@ -240,7 +312,7 @@ def method_cost(method: str, num_tokens: int, window: WindowShape, text_tokens: 
     (over the joint sequence of ``num_tokens + text_tokens`` tokens)."""
     total = num_tokens + text_tokens
     band = window_pairs(num_tokens, window, text_tokens) / (total * total)
-    return {"full": 1.0, "asc": 0.5, "wars": band, "wars_asc": band / 2, "ast": 0.0}[method]
+    return {"full": 1.0, "asc": 0.5, "wars": band, "wars_asc": band / 2, "ast": 0.0, "forecast": 0.0}[method]
 
 
 def layer_weight(layer: Layer) -> int:
@@ -381,6 +453,7 @@ def check_plan(plan: Plan) -> None:
             raise PlanError(f"$.methods[0][{i}]: step 0 must be 'full' (got {m!r})")
     _check_layers(plan)
     _check_shapes(plan)
+    _check_forecasts(plan)
     uses = {m for row in plan.methods for m in row}
     if plan.layers is None and uses & {"wars", "wars_asc"}:
         _check_window("$.window", plan.window, plan.tokens.num_tokens)
@@ -415,6 +488,7 @@ def check_plan(plan: Plan) -> None:
                 f"{expected.method_counts[method]}"
             )
     _check_time(plan)
+    _check_ffn(plan)
     got_fraction = plan.summary.attention_flops_fraction
     if not math.isclose(got_fraction, expected.attention_flops_fraction, abs_tol=1e-9):
         raise PlanError(
@@ -470,6 +544,70 @@ def _check_shapes(plan: Plan) -> None:
             raise PlanError(
                 f"$.calibration.window_errors: measures no {window_name(plan.window)}, the plan's window"
             )
+
+
+def _check_forecasts(plan: Plan) -> None:
+    """``forecast`` (version 4) only where the layer has computed two outputs before."""
+    _check_forecast_columns("$.methods", plan.methods, plan.model.num_layers, plan.schema_version, "ast")
+
+
+def _check_forecast_columns(field: str, grid: list[list[str]], width: int, version: int, reuse: str) -> None:
+    for i in range(width):
+        computed = 0
+        for t, row in enumerate(grid):
+            if row[i] != "forecast":
+                computed += row[i] != reuse
+                continue
+            if version < 4:
+                raise PlanError(f"{field}[{t}][{i}]: 'forecast' needs schema_version 4 (got {version})")
+            if computed < 2:
+                raise PlanError(
+                    f"{field}[{t}][{i}]: 'forecast' needs two earlier computed steps of the layer, it has {computed}"
+                )
+
+
+def _check_ffn(plan: Plan) -> None:
+    """The feed-forward grid and the costs (version 4), and the summary's fractions of them."""
+    grid, costs, summary = plan.ffn, plan.costs, plan.summary
+    for name, value in (("ffn", grid), ("costs", costs)):
+        if value is not None and plan.schema_version < 4:
+            raise PlanError(f"$.{name}: needs schema_version 4 (got {plan.schema_version})")
+    width = None
+    if grid is not None:
+        if len(grid) != len(plan.methods):
+            raise PlanError(f"$.ffn: grid has {len(grid)} steps, sampling.num_steps is {len(plan.methods)}")
+        width = len(grid[0])
+        for t, row in enumerate(grid):
+            if len(row) != width:
+                raise PlanError(f"$.ffn[{t}]: row has {len(row)} feed-forward layers, $.ffn[0] has {width}")
+        for j, m in enumerate(grid[0]):
+            if m != "compute":
+                raise PlanError(f"$.ffn[0][{j}]: step 0 must be 'compute' (got {m!r})")
+        _check_forecast_columns("$.ffn", grid, width, plan.schema_version, "reuse")
+    if costs is not None:
+        layers = plan.model.num_layers
+        for name in ("attention", "projections"):
+            if len(getattr(costs, name)) != layers:
+                raise PlanError(f"$.costs.{name}: {len(getattr(costs, name))} entries, model.num_layers is {layers}")
+        if width is not None and len(costs.ffn) != width:
+            raise PlanError(f"$.costs.ffn: {len(costs.ffn)} entries, $.ffn has {width} feed-forward layers")
+        for name in ("attention", "projections", "ffn"):
+            for k, value in enumerate(getattr(costs, name)):
+                if not math.isfinite(value):
+                    raise PlanError(f"$.costs.{name}[{k}]: must be finite (got {value!r})")
+        if not math.isfinite(costs.other):
+            raise PlanError(f"$.costs.other: must be finite (got {costs.other!r})")
+    ffn, total = flops_fractions(plan)
+    for name, got, expected in (
+        ("ffn_flops_fraction", summary.ffn_flops_fraction, ffn),
+        ("transformer_flops_fraction", summary.transformer_flops_fraction, total),
+    ):
+        if (got is None) != (expected is None) or (
+            got is not None and not math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-12)
+        ):
+            needs = "$.ffn" if name.startswith("ffn") else "$.costs"
+            shown = f"{expected:.12g}" if expected is not None else f"nothing without {needs}"
+            raise PlanError(f"$.summary.{name}: says {got}, the grids give {shown}")
 
 
 def _check_cfg(plan: Plan) -> None:

@@ -22,11 +22,25 @@ projection, ``c`` the conditional rows and ``copy`` their copy onto both halves)
 - ``wars_asc[t][i][k-1]``: ``dist(copy(P(W_t[c] + R_{t-k}[c]))``.
 - ``asc[t][i]``: ``dist(copy(O_t[c]))``, conditional against unconditional rows (step 0
   included, though step 0 always runs ``full``).
+- ``forecast[t][i][p]`` (schema version 4): ``dist(O_a + (O_a - O_b) (τ_t - τ_a) / (τ_a - τ_b))``
+  with ``a = t - j``, ``b = t - k`` for the ``p``-th pair ``1 <= j < k <= lags`` in the order
+  (1, 2), (1, 3) … (1, lags), (2, 3) … (``forecast_pairs``), ``τ`` the steps' timesteps.
 - ``output_norm[t][i]``: ``||O_t||_2``, which relates distances at different steps.
 - ``loss[m][t][i]``: for each probed method ``m``, the greedy search's loss (relative L1
   of the transformer output, DESIGN §2) with layer ``i`` alone running ``m`` at step
   ``t`` on the caches of step ``t - 1``; ``loss[m][t][i] / dist_m(lag 1)`` is the layer's
   gain, the share of a layer error that reaches the output.
+
+- ``step_weight[t]`` (schema version 4): how far an error of the transformer output at
+  step ``t`` moves the final image, relative to the other steps (mean 1 over steps ``1 …``):
+  ``||ΔX|| / ||δ_t|| × ||ε_t||`` normalized, where ``δ_t`` is a small perturbation of the
+  step's output ``ε_t`` along ``ε_{t-1} - ε_t`` and ``ΔX`` the change of the pipeline's
+  output it causes (``planner/sensitivity.py``).
+
+- ``ffn_reuse[t][j][k-1]``, ``ffn_forecast[t][j][p]``, ``ffn_loss[t][j]`` (schema version 4):
+  the same for feed-forward layer ``j``'s output ``F_t`` (``runtime/feedforward.py``):
+  ``dist(F_{t-k})``, the forecast from the ``p``-th pair, and the search's loss with layer
+  ``j`` alone reusing its step ``t - 1`` output.
 
 ``None`` marks what was not measured: step 0 (but for ``asc`` and ``output_norm``), lags
 reaching before step 0, layers that ran with an attention mask.
@@ -45,6 +59,7 @@ from schemas.latency import CFG_VARIANTS, LATENCY_VARIANTS, Latency
 from schemas.plan import (
     SCHEMA_VERSION,
     Calibration,
+    Costs,
     Hex64,
     Lags,
     Layer,
@@ -62,10 +77,11 @@ from schemas.plan import (
     check_constraints,
     check_plan,
     summarize,
+    with_figures,
 )
 
-PROFILE_SCHEMA_VERSION = 3  # 2: tiled windows (schemas/windows.py); 3: joint layers, CFG modes
-PROFILE_READABLE_VERSIONS = (1, 2, 3)
+PROFILE_SCHEMA_VERSION = 4  # 2: tiled windows (schemas/windows.py); 3: joint layers, CFG modes; 4: forecast
+PROFILE_READABLE_VERSIONS = (1, 2, 3, 4)
 PROFILE_FORMAT = "ditfastattn-profile"
 
 Distance = Annotated[float, Meta(ge=0.0)] | None
@@ -105,6 +121,16 @@ class Measurements(Struct, forbid_unknown_fields=True, frozen=True):
     asc: Grid2 | None
     output_norm: Grid2
     loss: dict[Method, Grid2]
+    forecast: Grid3 | None = None
+    step_weight: list[Annotated[float, Meta(ge=0.0)] | None] | None = None
+    ffn_reuse: Grid3 | None = None
+    ffn_forecast: Grid3 | None = None
+    ffn_loss: Grid2 | None = None
+
+
+def forecast_pairs(lags: int) -> list[tuple[int, int]]:
+    """The lag pairs ``(j, k)``, ``1 <= j < k <= lags``, of ``Measurements.forecast``'s last index."""
+    return [(j, k) for j in range(1, lags + 1) for k in range(j + 1, lags + 1)]
 
 
 class Profile(Struct, forbid_unknown_fields=True, frozen=True):
@@ -126,6 +152,7 @@ class Profile(Struct, forbid_unknown_fields=True, frozen=True):
     measurements: Measurements
     layers: list[Layer] | None = None
     latency: Latency | None = None
+    costs: Costs | None = None
 
 
 class _Header(Struct):
@@ -133,14 +160,17 @@ class _Header(Struct):
     schema_version: Any = None
 
 
-def header_plan(profile: Profile, methods: list[list[str]] | None = None) -> Plan:
-    """A plan with the profile's header facts and ``methods`` (default all ``full``).
+def header_plan(
+    profile: Profile, methods: list[list[str]] | None = None, ffn: list[list[str]] | None = None
+) -> Plan:
+    """A plan with the profile's header facts, ``methods`` (default all ``full``) and the
+    feed-forward grid ``ffn`` (default none), its summary derived.
 
     ``calibration`` is left out: a plan compiled from the profile adds its own.
     """
     steps, layers = profile.sampling.num_steps, profile.model.num_layers
     grid = methods if methods is not None else [["full"] * layers for _ in range(steps)]
-    return Plan(
+    plan = Plan(
         schema_version=SCHEMA_VERSION,
         tool_version=profile.tool_version,
         model=profile.model,
@@ -150,7 +180,16 @@ def header_plan(profile: Profile, methods: list[list[str]] | None = None) -> Pla
         methods=grid,
         summary=summarize(grid, profile.tokens.num_tokens, profile.window, profile.layers),
         layers=profile.layers,
+        ffn=ffn,
+        costs=profile.costs,
     )
+    return with_figures(plan)
+
+
+def ffn_width(profile: Profile) -> int | None:
+    """Feed-forward layers the profile measured (``None``: none measured)."""
+    grid = profile.measurements.ffn_reuse
+    return len(grid[0]) if grid else None
 
 
 def profile_calibration(profile: Profile, delta: float, search: str = "profile") -> Calibration:
@@ -182,6 +221,29 @@ def check_profile(profile: Profile) -> None:
         if grid is not None:
             _check_grid(field, grid, steps, layers, lags if name != "asc" else None)
     _check_grid("$.measurements.output_norm", m.output_norm, steps, layers, None)
+    if (m.forecast is not None or m.step_weight is not None) and profile.schema_version < 4:
+        name = "forecast" if m.forecast is not None else "step_weight"
+        raise ProfileError(f"$.measurements.{name}: needs schema_version 4 (got {profile.schema_version})")
+    if m.forecast is not None:
+        _check_pairs(m.forecast, steps, layers, lags)
+    width = ffn_width(profile)
+    for name in ("ffn_reuse", "ffn_forecast", "ffn_loss"):
+        grid = getattr(m, name)
+        if (grid is None) != (width is None):
+            raise ProfileError(f"$.measurements.{name}: present only with the other feed-forward measures")
+        if grid is not None and profile.schema_version < 4:
+            raise ProfileError(f"$.measurements.{name}: needs schema_version 4 (got {profile.schema_version})")
+    if width is not None:
+        _check_grid("$.measurements.ffn_reuse", m.ffn_reuse, steps, width, lags, layer_name="feed-forward layers")
+        _check_pairs(m.ffn_forecast, steps, width, lags, "$.measurements.ffn_forecast")
+        _check_grid("$.measurements.ffn_loss", m.ffn_loss, steps, width, None, probes=True, layer_name="feed-forward layers")
+    if profile.costs is not None and width is not None and len(profile.costs.ffn) != width:
+        raise ProfileError(f"$.costs.ffn: {len(profile.costs.ffn)} entries, the profile measured {width} feed-forward layers")
+    if m.step_weight is not None:
+        if len(m.step_weight) != steps:
+            raise ProfileError(f"$.measurements.step_weight: has {len(m.step_weight)} steps, sampling.num_steps is {steps}")
+        for t, value in enumerate(m.step_weight):
+            _check_value(f"$.measurements.step_weight[{t}]", value, "step 0 is always full" if t == 0 else "")
     for method, grid in m.loss.items():
         field = f"$.measurements.loss.{method}"
         if method == "full":
@@ -209,11 +271,11 @@ def check_profile(profile: Profile) -> None:
 
 
 def _check_latency(latency: Latency, cfg: bool) -> None:
-    needed = [v for v in LATENCY_VARIANTS if cfg or v not in CFG_VARIANTS]
+    needed = [v for v in LATENCY_VARIANTS if (cfg or v not in CFG_VARIANTS) and v != "forecast"]
     for variant in needed:
         if variant not in latency.seconds:
             raise ProfileError(f"$.latency.seconds: no figure for {variant!r}")
-    extra = sorted(set(latency.seconds) - set(needed))
+    extra = sorted(set(latency.seconds) - set(needed) - {"forecast"})
     if extra:
         raise ProfileError(f"$.latency.seconds.{extra[0]}: shares across CFG halves but sampling.cfg is false")
     for variant, value in latency.seconds.items():
@@ -222,13 +284,15 @@ def _check_latency(latency: Latency, cfg: bool) -> None:
 
 
 def _check_grid(
-    field: str, grid: list, steps: int, layers: int, lags: int | None, *, probes: bool = False
+    field: str, grid: list, steps: int, layers: int, lags: int | None, *, probes: bool = False,
+    layer_name: str = "",
 ) -> None:
     if len(grid) != steps:
         raise ProfileError(f"{field}: has {len(grid)} steps, sampling.num_steps is {steps}")
     for t, row in enumerate(grid):
         if len(row) != layers:
-            raise ProfileError(f"{field}[{t}]: has {len(row)} layers, model.num_layers is {layers}")
+            where = f"the profile has {layers} {layer_name}" if layer_name else f"model.num_layers is {layers}"
+            raise ProfileError(f"{field}[{t}]: has {len(row)} layers, {where}")
         for i, cell in enumerate(row):
             if lags is None:
                 _check_value(f"{field}[{t}][{i}]", cell, "step 0 is always full" if t == 0 and probes else "")
@@ -237,6 +301,20 @@ def _check_grid(
                 raise ProfileError(f"{field}[{t}][{i}]: has {len(cell)} lags, lags is {lags}")
             for k, value in enumerate(cell, start=1):
                 _check_value(f"{field}[{t}][{i}][{k - 1}]", value, f"no step {t - k}" if k > t else "")
+
+
+def _check_pairs(grid: Grid3, steps: int, layers: int, lags: int, field: str = "$.measurements.forecast") -> None:
+    pairs = forecast_pairs(lags)
+    if len(grid) != steps:
+        raise ProfileError(f"{field}: has {len(grid)} steps, sampling.num_steps is {steps}")
+    for t, row in enumerate(grid):
+        if len(row) != layers:
+            raise ProfileError(f"{field}[{t}]: has {len(row)} layers, model.num_layers is {layers}")
+        for i, cell in enumerate(row):
+            if len(cell) != len(pairs):
+                raise ProfileError(f"{field}[{t}][{i}]: has {len(cell)} lag pairs, lags {lags} give {len(pairs)}")
+            for p, ((_, k), value) in enumerate(zip(pairs, cell)):
+                _check_value(f"{field}[{t}][{i}][{p}]", value, f"no step {t - k}" if k > t else "")
 
 
 def _check_value(field: str, value: float | None, unmeasurable: str) -> None:

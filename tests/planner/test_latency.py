@@ -52,7 +52,7 @@ def dit_pipe(pipelines):
 def test_measured_latency_covers_every_variant_and_round_trips(dit_pipe):
     plan = build_plan(dit_pipe, request(dit_pipe, delta=0.9, latency=True)).plan
     table = plan.latency
-    assert set(table.seconds) == {"full", "full_refresh", "asc", "asc_refresh", "wars", "wars_asc", "ast"}
+    assert set(table.seconds) == {"full", "full_refresh", "asc", "asc_refresh", "wars", "wars_asc", "ast", "forecast"}
     assert all(value > 0 for value in table.seconds.values())
     assert table.rows == 2  # one prompt's conditional and unconditional rows
     assert table.device.startswith("cpu")

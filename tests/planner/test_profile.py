@@ -18,7 +18,7 @@ from planner.compile import RESOLUTION, Compiler, Predictor, compile_plan, compi
 from planner.errors import PlannerError
 from planner.profile import profile_model, write_profile
 from runtime import load_plan
-from schemas import PlanError, ProfileError, decode_plan, encode_plan, summarize
+from schemas import PlanError, ProfileError, decode_plan, encode_plan, forecast_pairs, summarize
 from tests.planner.pipelines import fresh_generation, request
 from tests.schemas.test_profile import make_profile
 
@@ -108,11 +108,13 @@ def test_every_compiled_plan_validates_and_runs_under_the_runtime(pipelines, pro
 @pytest.mark.parametrize("name", ["pixart-sigma", "dit"])
 def test_compiled_predictions_stay_within_each_layer_budget(profiled, name):
     for delta in LADDER[1:]:
-        plan = compile_plan(profiled[name][0].profile, delta)
+        profile = profiled[name][0].profile
+        plan = compile_plan(profile, delta)
         layers = plan.model.num_layers
-        for row in plan.losses[1:]:
+        weights = profile.measurements.step_weight
+        for t, row in enumerate(plan.losses[1:], start=1):
             for i, loss in enumerate(row):
-                assert loss <= (i + 1) / layers * (1 - delta) + 1e-12
+                assert loss <= (i + 1) / layers * (1 - delta) / weights[t] * (1 + 1e-12)
         assert plan.losses[0] == [None] * layers
 
 
@@ -186,7 +188,10 @@ def profiles(draw):
         return [[None if t == 0 else draw(dist) for _ in range(layers)] for t in range(steps)]
 
     probes = draw(st.sets(st.sampled_from(["ast", "wars", "wars_asc", "asc"] if cfg else ["ast", "wars"]), min_size=1))
-    base = make_profile(cfg)
+    pairs = forecast_pairs(lags)
+    forecast = [[[draw(dist) if k <= t else None for _, k in pairs] for _ in range(layers)] for t in range(steps)]
+    weights = [None] + [draw(st.floats(0.0, 4.0)) for _ in range(steps - 1)]
+    base = make_profile(cfg, schema_version=4)
     return msgspec.structs.replace(
         base,
         model=msgspec.structs.replace(base.model, num_layers=layers),
@@ -201,6 +206,8 @@ def profiles(draw):
             asc=step_grid() if cfg else None,
             output_norm=[[draw(st.floats(0.0, 10.0)) for _ in range(layers)] for _ in range(steps)],
             loss={p: step_grid() for p in probes},
+            forecast=draw(st.sampled_from([forecast, None])),
+            step_weight=draw(st.sampled_from([weights, None])),
         ),
     )
 

@@ -3,7 +3,8 @@
 It computes every candidate from scratch with explicit softmax and a dense window mask
 (the band's, or a tiled shape's index function from ``runtime/windows.py``: DESIGN §6),
 and keeps its caches naively: the residual is refreshed at every ``full``/``asc``
-step and the ``ast`` output at every computed step.
+step and every computed output is kept, with its step (``forecast`` extrapolates the last
+two to this step's timestep, ``times[step]``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: A
 class ReferenceRun:
     """Plays a method grid on a model through plain attention processors."""
 
-    def __init__(self, methods: list[list[str]], window: Any, cond_first: bool) -> None:
+    def __init__(
+        self, methods: list[list[str]], window: Any, cond_first: bool, times: list[float] | None = None
+    ) -> None:
         layers = len(methods[0])
+        self.times = times if times is not None else [900.0 - 200 * t for t in range(len(methods))]
+        self.computed: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.windows = window if isinstance(window, list) else [window] * layers
         self.methods, self.cond_first = methods, cond_first
         self.step = 0
@@ -93,6 +98,10 @@ class _Processor:
         method = run.methods[run.step][layer]
         if method == "ast":
             return run.output[layer]
+        if method == "forecast":
+            (b, out_b), (a, out_a) = run.computed[layer][-2:]
+            tau = run.times
+            return out_a + (out_a - out_b) * ((tau[run.step] - tau[a]) / (tau[a] - tau[b]))
         b, n, _ = hidden_states.shape
         h = attn.heads
 
@@ -115,4 +124,5 @@ class _Processor:
         out = attn.to_out[0](o.transpose(1, 2).reshape(b, n, -1))
         out = attn.to_out[1](out) / attn.rescale_output_factor
         run.output[layer] = out
+        run.computed.setdefault(layer, []).append((run.step, out))
         return out

@@ -9,6 +9,7 @@ import torch
 
 import runtime
 from runtime import Recorder
+from schemas import forecast_pairs
 from tests.plans import all_full, plan_for
 from tests.runtime.conftest import float64_model, generate_dit, generate_pixart, run_steps
 
@@ -135,3 +136,23 @@ def test_without_cfg_only_the_cache_measures_are_recorded():
     assert recorder.distance("wars", 2, 0, 1) is not None
     for measure in ("asc", "wars_asc", "wars_after_asc"):
         assert recorder.distance(measure, 2, 0, 0 if measure == "asc" else 1) is None
+
+
+@pytest.mark.parametrize("kind", ["pixart", "dit"])
+def test_forecast_distances_are_those_of_forecasts_from_that_pair_of_steps(kind):
+    """``forecast`` per pair of lags ``(j, k)`` equals a plan that computed only steps ``t - j``
+    and ``t - k`` (and step 0) before forecasting at ``t``."""
+    model = float64_model(kind)
+    t, layer = STEPS - 1, 2
+    recorder = Recorder(lags=t)
+    reference = attention_outputs(model, kind, all_full(STEPS, LAYERS), recorder)[t][layer]
+    for pair, (j, k) in enumerate(forecast_pairs(t)):
+        methods = all_full(STEPS, LAYERS)
+        for u in range(1, t):
+            methods[u][layer] = "full" if u in (t - j, t - k) else "ast"
+        methods[t][layer] = "forecast"
+        planned = attention_outputs(model, kind, methods)[t][layer]
+        expected = relative_l2(planned, reference)
+        assert expected > 0
+        assert recorder.distance("forecast", t, layer, pair) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert recorder.grids(STEPS, LAYERS)["forecast"][1][layer] == [None] * len(forecast_pairs(t))

@@ -114,11 +114,11 @@ def test_cfg_measures_without_cfg_are_refused():
         decode_doc(doc)
 
 
-@pytest.mark.parametrize("version", [0, 4, "1", None])
+@pytest.mark.parametrize("version", [0, 5, "1", None])
 def test_unknown_schema_version_says_what_this_build_reads(version):
     doc = as_doc(make_profile())
     doc["schema_version"] = version
-    with pytest.raises(ProfileError, match=r"\$\.schema_version: unsupported profile schema version .* reads version 1, 2, 3"):
+    with pytest.raises(ProfileError, match=r"\$\.schema_version: unsupported profile schema version .* reads version 1, 2, 3, 4"):
         decode_doc(doc)
 
 
