@@ -181,8 +181,20 @@ def build(
     ),
     objective: str | None = typer.Option(
         None,
-        help="With a profile: what the compiler minimises, time (default when latencies were measured) "
-        "or flops (attention FLOPs kept).",
+        help="With a profile: what the compiler minimises, time (default when latencies were measured), "
+        "flops (attention FLOPs kept) or transformer (all the transformer's FLOPs; with --ffn).",
+    ),
+    ffn: bool | None = typer.Option(
+        None,
+        "--ffn/--no-ffn",
+        help="With a profile: also choose per step and feed-forward layer compute, reuse or forecast "
+        "(objective transformer; default: off).",
+    ),
+    step_weights: bool | None = typer.Option(
+        None,
+        "--step-weights/--no-step-weights",
+        help="With a profile: share each step's error budget by how far that step's errors move the "
+        "final image, as the profile measured (default: on).",
     ),
     latency: bool | None = typer.Option(
         None,
@@ -315,6 +327,9 @@ def profile(
     config: Path | None = typer.Option(
         None, "--config", help="TOML file of settings (same names as build); options given here override it."
     ),
+    ffn: bool = typer.Option(
+        True, "--ffn/--no-ffn", help="Also measure the feed-forward layers' reuse and forecast, for --ffn plans."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Measure a model once on its calibration batch; `build --from-profile` compiles plans from it."""
@@ -350,7 +365,7 @@ def _profile_with_progress(pipe: Any, request: BuildRequest, settings: BuildSett
 
         return profile_model(
             pipe, request, lags=settings.lags, probes=tuple(settings.probes), progress=advance,
-            weights_progress=weigh,
+            weights_progress=weigh, ffn=settings.ffn,
         )
 
 
@@ -425,7 +440,10 @@ def run_profile_search(pipe: Any, request: BuildRequest, settings: BuildSettings
 
     result = _profile_with_progress(pipe, request, settings, quiet=quiet)
     start = time.perf_counter()
-    plan = compile_plan(result.profile, settings.delta, combine=settings.combine, objective=settings.objective)
+    plan = compile_plan(
+        result.profile, settings.delta, combine=settings.combine, objective=settings.objective,
+        weighted=settings.step_weights, ffn=settings.ffn,
+    )
     seconds = result.seconds + time.perf_counter() - start
     distributed.barrier()  # raises if another rank failed: then nothing is written
     if not distributed.is_writer():
@@ -446,7 +464,7 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
     from planner.output import check_writable, write_plan
     from planner.report import build_summary
 
-    allowed = ("model", "delta", "output", "combine", "objective")
+    allowed = ("model", "delta", "output", "combine", "objective", "ffn", "step_weights")
     fixed = [k for k, v in options.items() if v is not None and k not in allowed]
     if fixed:
         name = fixed[0].replace("_", "-")
@@ -458,14 +476,17 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
         raise bad_input(f"combine: use sum or rss (got {combine!r})")
     objective = options["objective"]
     if objective is not None and objective not in OBJECTIVES:
-        raise bad_input(f"objective: use time or flops (got {objective!r})")
+        raise bad_input(f"objective: use time, flops or transformer (got {objective!r})")
     if options["output"] is None:
         raise bad_input("output: required (give --output)")
     output = Path(options["output"])
     check_writable(output, inputs={"from_profile": profile_file})
     profile_data = load_profile(profile_file)
     start = time.perf_counter()
-    plan = compile_plan(profile_data, options["delta"], combine=combine, objective=objective)
+    weighted = options["step_weights"] is not False
+    plan = compile_plan(
+        profile_data, options["delta"], combine=combine, objective=objective, weighted=weighted, ffn=bool(options["ffn"])
+    )
     seconds = time.perf_counter() - start
     if options["model"] is not None:
         check_fit(plan, options["model"])
@@ -490,7 +511,16 @@ def sweep(
     ),
     objective: str | None = typer.Option(
         None,
-        help="What the compiler minimises: time (default when the profile measured latencies) or flops.",
+        help="What the compiler minimises: time (default when the profile measured latencies), flops "
+        "(attention) or transformer (all FLOPs; with --ffn).",
+    ),
+    ffn: bool = typer.Option(
+        False, "--ffn/--no-ffn", help="Also choose compute, reuse or forecast per step and feed-forward layer."
+    ),
+    step_weights: bool = typer.Option(
+        True,
+        "--step-weights/--no-step-weights",
+        help="Share each step's error budget by its measured effect on the final image.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
@@ -507,7 +537,7 @@ def sweep(
         if combine not in COMBINE:
             raise bad_input(f"combine: use sum or rss (got {combine!r})")
         if objective is not None and objective not in OBJECTIVES:
-            raise bad_input(f"objective: use time or flops (got {objective!r})")
+            raise bad_input(f"objective: use time, flops or transformer (got {objective!r})")
         values = parse_deltas(deltas)
         if output_dir is not None and not output_dir.is_dir():
             raise bad_input(f"output_dir: folder {str(output_dir)!r} does not exist")
@@ -517,7 +547,9 @@ def sweep(
                 check_writable(path, "output_dir", inputs={"from_profile": from_profile})
         profile_data = load_profile(from_profile)
         start = time.perf_counter()
-        plans = compile_plans(profile_data, values, combine=combine, objective=objective)  # type: ignore[arg-type]
+        plans = compile_plans(
+            profile_data, values, combine=combine, objective=objective, weighted=step_weights, ffn=ffn  # type: ignore[arg-type]
+        )
         seconds = time.perf_counter() - start
         if model is not None:
             check_fit(plans[0], model)

@@ -16,8 +16,9 @@ Compute, counted while generating:
   layer's ``encoder_hidden_states``; a FLUX single-stream layer gets the joint sequence as
   its ``hidden_states``), the runtime's unit; a skipped or reused attention counts nothing.
 - *FFN FLOPs kept*: tokens that went through the blocks' feed-forward (``ff``, the MMDiT
-  text stream's ``ff_context``, FLUX single-stream ``proj_mlp``), over raw's (below 100 %
-  only for methods that skip whole blocks).
+  text stream's ``ff_context``, FLUX single-stream ``proj_mlp``; counted at each one's first
+  linear layer, so a reused output counts nothing), over raw's (below 100 % for methods that
+  skip whole blocks or reuse feed-forward outputs).
 
 Matching: a peer's knob is swept on the calibration prompts (seeds 0 + i) and the
 setting whose attention FLOPs kept is closest to our plan's there is the one run on
@@ -78,6 +79,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import runtime
 from bench.common import table
+from bench.plot import Panel, Series, save_plot
 from planner import yardstick
 from planner.embedded import EMBEDDED_MODELS
 from planner.evaluate import EvalInputs, call_kwargs, eval_inputs, ssim_window
@@ -145,8 +147,9 @@ class Meter:
         for attn in self_attention_layers(transformer):
             self._hooks.append(attn.register_forward_pre_hook(self._call, with_kwargs=True))
             self._hooks.append(attn.to_q.register_forward_pre_hook(self._attention))
-        for ffn in feed_forwards(transformer):
-            self._hooks.append(ffn.register_forward_pre_hook(self._ffn))
+        for ffn in feed_forwards(transformer):  # its first linear layer: a reused output runs none
+            first = next(m for m in ffn.modules() if isinstance(m, torch.nn.Linear))
+            self._hooks.append(first.register_forward_pre_hook(self._ffn))
 
     def _call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
@@ -157,7 +160,7 @@ class Meter:
         self.pairs += rows * (tokens + self._text_tokens) ** 2
 
     def _ffn(self, module: torch.nn.Module, args: tuple) -> None:
-        self.ffn_tokens += args[0].shape[0] * args[0].shape[1]
+        self.ffn_tokens += args[0].shape[:-1].numel()
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -435,8 +438,9 @@ def load_plans(model: str, names: list[str]) -> dict[str, Plan]:
     return {path.stem: runtime.load_plan(path) for path in paths}
 
 
-def compare(model: str, plan_names: list[str], num_samples: int, repeats: int, bar: Progress) -> str:
-    """The markdown table for one model: raw, then per plan ours and each peer at matched compute."""
+def compare(model: str, plan_names: list[str], num_samples: int, repeats: int, bar: Progress) -> tuple[str, list[Row]]:
+    """The markdown table for one model (raw, then per plan ours and each peer at matched
+    compute) and its rows."""
     spec = resolve_model(model)
     pipe = load_pipeline(spec, torch.device("cpu"), torch.float32)
     plans = load_plans(model, plan_names)
@@ -466,7 +470,21 @@ def compare(model: str, plan_names: list[str], num_samples: int, repeats: int, b
         "PSNR vs raw (dB)", "SSIM vs raw", "time / raw",
     ]  # fmt: skip
     title = f"{model}: {len(held_out)} held-out samples, {first.sampling.num_steps} steps, CPU float32"
-    return title + "\n\n" + table(headers, [row.cells() for row in rows])
+    return title + "\n\n" + table(headers, [row.cells() for row in rows]), rows
+
+
+def curves(model: str, rows: list[Row]) -> list[Panel]:
+    """PSNR against attention FLOPs kept and against time, one series per method (raw left out)."""
+    names = list(dict.fromkeys(row.method for row in rows if row.method != "raw"))
+
+    def series(x: Callable[[Row], float]) -> list[Series]:
+        return [Series(n, sorted((x(r), r.psnr) for r in rows if r.method == n)) for n in names]
+
+    return [
+        Panel(f"{model}: quality against attention kept", "attention FLOPs kept (%)", "PSNR vs raw (dB)",
+              series(lambda r: 100 * r.attention)),
+        Panel(f"{model}: quality against wall time", "time / raw", "PSNR vs raw (dB)", series(lambda r: r.time_ratio)),
+    ]  # fmt: skip
 
 
 def main() -> None:
@@ -480,19 +498,27 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="Timed runs per method (fastest kept).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    parser.add_argument("--plot", type=Path, default=None, help="Also save the curves as this PNG file.")
     args = parser.parse_args()
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        parser.error(f"--plot: {args.plot} is not a .png file")
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_libraries()
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    tables = []
+    tables, panels = [], []
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
     ) as bar:
         for model in args.models.split(","):
-            tables.append(compare(model, args.plans.split(","), args.num_samples, args.repeats, bar))
+            text, rows = compare(model, args.plans.split(","), args.num_samples, args.repeats, bar)
+            tables.append(text)
+            panels += curves(model, rows)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("\n\n".join(tables))
+    if args.plot is not None:
+        save_plot(args.plot, panels, title="ditfastattn plans and diffusers' caches")
+        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":

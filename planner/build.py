@@ -14,6 +14,7 @@ import torch
 import runtime
 from planner import distributed
 from planner.calibration import inputs_hash
+from planner.costs import measure_costs
 from planner.errors import bad_input
 from planner.registry import Family, family_of
 from planner.latency import capture_call, measure_latency
@@ -33,6 +34,7 @@ from schemas import (
     config_hash,
     faster_than_full,
     summarize,
+    with_figures,
     with_latency,
 )
 
@@ -356,8 +358,9 @@ def build_plan(pipe: Any, request: BuildRequest, *, progress: Progress | None = 
         methods=methods,
         losses=search.losses,
         summary=summarize(methods, draft.tokens.num_tokens, draft.window, draft.layers),
+        costs=measure_costs(pipe, draft, generation_kwargs(pipe, request)),
     )
-    return BuildResult(plan=with_latency(plan, latency), images=images, seconds=seconds)
+    return BuildResult(plan=with_latency(with_figures(plan), latency), images=images, seconds=seconds)
 
 
 def time_generation(pipe: Any, request: BuildRequest) -> float:

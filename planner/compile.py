@@ -63,6 +63,7 @@ CFG_SHARING = ("wars_asc", "asc")
 # profile measure -> the method it predicts
 MEASURES = {"ast": "ast", "wars_asc": "wars_asc", "wars": "wars", "wars_after_asc": "wars", "asc": "asc"}
 RESOLUTION = 1000  # δ is compiled on the grid 1 - k / RESOLUTION
+STEP_WEIGHT_POWER = 1.0  # a step's budget is divided by its measured weight to this power
 Combine = Literal["sum", "rss"]
 COMBINE: tuple[str, ...] = ("sum", "rss")
 Objective = Literal["time", "flops", "transformer"]
@@ -127,7 +128,7 @@ class Predictor:
         self.pairs = {pair: p for p, pair in enumerate(forecast_pairs(self.lags))}
         self.weights = [1.0] * self.steps
         if weighted and m.step_weight is not None:
-            self.weights = [1.0 if w is None else w for w in m.step_weight]
+            self.weights = [1.0 if w is None else w**STEP_WEIGHT_POWER for w in m.step_weight]
 
     def forecast_loss(self, t: int, i: int, a: int, b: int) -> float | None:
         """Predicted output loss of ``forecast`` at ``(t, i)`` from the outputs of steps ``a > b``."""
@@ -285,7 +286,7 @@ def _cheapest_fit(
     for c, alone in options.items():
         if kept != default and not (kept in REUSES_ANY and c in REUSES_ANY):
             break
-        if alone is None:
+        if alone is None or not math.isfinite(alone):
             continue
         total = so_far + alone if combine == "sum" else math.hypot(so_far, alone)
         if total <= limit and (kept == default or total < kept_loss):

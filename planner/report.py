@@ -11,6 +11,7 @@ from rich.text import Text
 
 from schemas import (
     LATENCY_VARIANTS,
+    FFN_METHODS,
     METHODS,
     Latency,
     Plan,
@@ -32,6 +33,11 @@ METHOD_STYLE: dict[str, tuple[str, str]] = {
     "asc": ("C", "yellow"),
     "wars_asc": ("B", "magenta"),
     "forecast": ("P", "bright_green"),
+}
+FFN_STYLE: dict[str, tuple[str, str]] = {
+    "compute": ("f", "bright_black"),
+    "reuse": ("r", "green"),
+    "forecast": ("p", "bright_green"),
 }
 
 
@@ -77,10 +83,17 @@ def _facts_table(plan: Plan) -> Table:
         rows.append(("window", window))
     rows.append(("plan", f"schema {plan.schema_version}, ditfastattn {plan.tool_version}"))
     rows.append(("attention FLOPs", percent(plan.summary.attention_flops_fraction)))
+    if plan.summary.ffn_flops_fraction is not None:
+        rows.append(("feed-forward FLOPs", percent(plan.summary.ffn_flops_fraction)))
+    if plan.summary.transformer_flops_fraction is not None:
+        rows.append(("transformer FLOPs", percent(plan.summary.transformer_flops_fraction)))
     if plan.latency is not None:
         rows.append(("latency", latency_fact(plan.latency)))
         rows.append(("predicted time", f"{plan.summary.time_fraction:.3f} of the all-full plan"))
     rows.append(("methods", method_counts(plan.summary.method_counts)))
+    if plan.ffn is not None:
+        counts = {m: sum(row.count(m) for row in plan.ffn) for m in FFN_METHODS}
+        rows.append(("feed-forward", "  ".join(f"{FFN_STYLE[m][0]} {m} {n}" for m, n in counts.items() if n)))
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -165,6 +178,14 @@ def _letters(row: list[str], layers: list[Any], video: bool) -> Text:
     return letters
 
 
+def _ffn_letters(row: list[str]) -> Text:
+    letters = Text()
+    for method in row:
+        letter, style = FFN_STYLE[method]
+        letters.append(letter, style=style)
+    return letters
+
+
 def grid(plan: Plan) -> Table:
     """One row per step, one coloured letter per layer, and the step's attention FLOPs.
 
@@ -179,6 +200,8 @@ def grid(plan: Plan) -> Table:
     wide = plan.model.num_layers > MAX_GRID_LAYERS
     heading = f"layers 0 … {plan.model.num_layers - 1}" + (" (method counts)" if wide else "")
     table.add_column(heading)
+    if plan.ffn is not None and len(plan.ffn[0]) <= MAX_GRID_LAYERS:
+        table.add_column(f"feed-forward 0 … {len(plan.ffn[0]) - 1}")
     table.add_column("FLOPs", justify="right")
     weights = [layer_weight(layer) for layer in layers]
     total = sum(weights)
@@ -190,16 +213,21 @@ def grid(plan: Plan) -> Table:
         row = plan.methods[t]
         cells = method_counts({m: row.count(m) for m in METHODS}) if wide else _letters(row, layers, video)
         kept = sum(w * method_cost(m, layer.num_tokens, layer.window, layer.text_tokens) for m, layer, w in zip(row, layers, weights))
-        table.add_row(str(t), cells, percent(kept / total))
+        ffn = [_ffn_letters(plan.ffn[t])] if plan.ffn is not None and len(plan.ffn[0]) <= MAX_GRID_LAYERS else []
+        table.add_row(str(t), cells, *ffn, percent(kept / total))
     return table
 
 
-def legend(video: bool = False) -> Text:
+def legend(video: bool = False, ffn: bool = False) -> Text:
     text = Text("legend: ")
     for method in METHODS:
         letter, style = METHOD_STYLE[method]
         text.append(letter, style=style)
         text.append(f" {method}  ")
+    for method in FFN_METHODS if ffn else ():
+        letter, style = FFN_STYLE[method]
+        text.append(letter, style=style)
+        text.append(f" feed-forward {method}  ")
     if video:
         text.append("(upper case: spatial layer, lower case: temporal layer)")
     return text
@@ -207,7 +235,8 @@ def legend(video: bool = False) -> Text:
 
 def render_plan(plan: Plan) -> Group:
     """The header facts, the grid and its legend."""
-    return Group(_facts_table(plan), Text(), grid(plan), legend(any(layer.kind == "temporal" for layer in plan.layers or ())))
+    video = any(layer.kind == "temporal" for layer in plan.layers or ())
+    return Group(_facts_table(plan), Text(), grid(plan), legend(video, plan.ffn is not None))
 
 
 def build_summary(plan: Plan, output: str, seconds: float, plain_seconds: float | None) -> Table:
@@ -217,6 +246,10 @@ def build_summary(plan: Plan, output: str, seconds: float, plain_seconds: float 
     table.add_column()
     table.add_row("window", window_fact(plan) or f"band ±{plan.window}")
     table.add_row("attention FLOPs kept", percent(plan.summary.attention_flops_fraction))
+    if plan.summary.ffn_flops_fraction is not None:
+        table.add_row("feed-forward FLOPs kept", percent(plan.summary.ffn_flops_fraction))
+    if plan.summary.transformer_flops_fraction is not None:
+        table.add_row("transformer FLOPs kept", percent(plan.summary.transformer_flops_fraction))
     if plan.summary.time_fraction is not None:
         table.add_row("predicted time", f"{plan.summary.time_fraction:.3f} of all-full on {plan.latency.device}")
     table.add_row("methods", method_counts(plan.summary.method_counts))

@@ -56,7 +56,9 @@ class BuildSettings(BaseModel):
     probes: list[Literal["ast", "wars_asc", "wars", "asc"]] = Field(list(DEFAULT_PROBES), min_length=1)
     combine: Literal["sum", "rss"] = "sum"
     latency: bool = True
-    objective: Literal["time", "flops"] | None = None
+    objective: Literal["time", "flops", "transformer"] | None = None
+    ffn: bool = False  # feed-forward reuse: measured by the profile, compiled into the plan
+    step_weights: bool = True  # the compiler weighs each step's budget by its effect on the result
 
     @field_validator("classes", "probes", mode="before")
     @classmethod
@@ -85,7 +87,7 @@ class BuildSettings(BaseModel):
             raise ValueError("window: give --window or --window-frac, not both")
         if self.prompts is not None and self.classes is not None:
             raise ValueError("prompts: give --prompts (captions) or --classes (class ids), not both")
-        profiled = sorted({"lags", "probes", "combine", "objective"} & self.model_fields_set)
+        profiled = sorted({"lags", "probes", "combine", "objective", "ffn", "step_weights"} & self.model_fields_set)
         if self.search == "greedy" and profiled:
             raise ValueError(f"{profiled[0]}: applies to --search profile only")
         return self

@@ -86,7 +86,7 @@ def test_bench_table_has_ours_and_every_peer_that_runs_on_flux(plans, tmp_path: 
     path = tmp_path / "full.json"
     path.write_bytes(encode_plan(plans["flux-digits"]))
     with Progress(disable=True) as bar:
-        text = peers.compare("flux-digits", [str(path)], 2, 1, bar)
+        text, _ = peers.compare("flux-digits", [str(path)], 2, 1, bar)
     assert text.startswith(f"flux-digits: 2 held-out samples, {STEPS} steps"), text
     assert re.search(r"\| raw \|  \| 100\.0 % \| 100 % \|", text), text
     assert re.search(r"\| ditfastattn \| FULL \(δ 1\.0\) \| 100\.0 % \| 100 % \|", text), text

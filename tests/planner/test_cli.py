@@ -70,7 +70,10 @@ def test_show_prints_the_grid_and_json_summary(built):
         "attention_flops_fraction": plan.summary.attention_flops_fraction,
         "method_counts": plan.summary.method_counts,
         "time_fraction": plan.summary.time_fraction,
+        "ffn_flops_fraction": None,
+        "transformer_flops_fraction": plan.summary.transformer_flops_fraction,
     }
+    assert 0 < plan.summary.transformer_flops_fraction < 1
     assert facts["latency"]["seconds"] == plan.latency.seconds
     assert facts["model"]["config_hash"] == plan.model.config_hash
     assert "methods" not in facts

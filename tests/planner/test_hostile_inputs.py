@@ -242,6 +242,7 @@ def test_show_summarises_a_large_plan_in_few_lines(plan_file, tmp_path):
         methods=grid,
         losses=None,
         latency=None,
+        costs=None,
         summary=summarize(grid, plan.tokens.num_tokens, plan.window),
     )
     path = tmp_path / "big.json"

@@ -82,7 +82,7 @@ def test_delta_one_compiles_an_all_full_plan(profiled, name):
     plan = compile_plan(profiled[name][0].profile, 1.0)
     assert {m for row in plan.methods for m in row} == {"full"}
     assert plan.summary.attention_flops_fraction == 1.0
-    assert plan.calibration.search == "profile" and plan.calibration.delta == 1.0
+    assert plan.calibration.search == "profile-weighted" and plan.calibration.delta == 1.0
 
 
 @pytest.mark.parametrize("name", ["pixart-sigma", "dit"])
@@ -102,6 +102,26 @@ def test_every_compiled_plan_validates_and_runs_under_the_runtime(pipelines, pro
         assert decode_plan(encode_plan(plan)) == plan
         with runtime.apply(plan, pipe) as handle:
             fresh_generation(pipe, req)
+        assert handle.stats().method_counts == plan.summary.method_counts
+
+
+@pytest.mark.parametrize("name", ["pixart-sigma", "dit"])
+def test_feed_forward_plans_validate_run_and_keep_less_at_lower_delta(pipelines, profiled, name):
+    pipe = pipelines[name]
+    result, req = profiled[name]
+    profile = result.profile
+    assert len(profile.costs.ffn) == len(profile.measurements.ffn_reuse[0]) == 3
+    plans = compile_plans(profile, LADDER, ffn=True)
+    kept = [p.summary.transformer_flops_fraction for p in plans]
+    assert kept[0] == 1.0 and all(later <= earlier for earlier, later in zip(kept, kept[1:]))
+    assert any(m != "compute" for p in plans for row in p.ffn for m in row)
+    for plan in plans:
+        assert decode_plan(encode_plan(plan)) == plan
+        assert plan.calibration.search == "profile-weighted-transformer"
+        with runtime.apply(plan, pipe) as handle:
+            fresh_generation(pipe, req)
+        counts = {m: sum(row.count(m) for row in plan.ffn) for m in ("compute", "reuse", "forecast")}
+        assert handle.stats().ffn_counts == counts
         assert handle.stats().method_counts == plan.summary.method_counts
 
 
@@ -274,6 +294,22 @@ def test_build_from_profile_writes_the_compiled_plan(profile_file, folders, tmp_
     assert f"{100 * plan.summary.attention_flops_fraction:.1f} %" in result.stdout
 
 
+def test_build_from_profile_with_ffn_and_without_step_weights(profile_file, tmp_path):
+    output = tmp_path / "plan.json"
+    result = invoke("build", "--from-profile", profile_file, "--delta", "0.8", "-o", output, "--ffn",
+                    "--no-step-weights")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    plan = load_plan(output)
+    assert plan == compile_plan(load_profile(profile_file), 0.8, ffn=True, weighted=False)
+    assert plan.calibration.search == "profile-transformer" and plan.ffn is not None
+    assert "feed-forward FLOPs" in result.stdout and "transformer FLOPs" in result.stdout
+    refused = invoke("build", "--from-profile", profile_file, "--delta", "0.8", "-o", tmp_path / "no.json", "--ffn",
+                     "--objective", "flops")  # fmt: skip
+    assert refused.exit_code == 2
+    assert "objective: feed-forward reuse is compiled for --objective transformer" in one_error_line(refused)
+    assert not (tmp_path / "no.json").exists()
+
+
 def test_sweep_writes_one_plan_per_delta_and_tabulates_them(profile_file, tmp_path):
     result = invoke("sweep", "--from-profile", profile_file, "--deltas", "0.99,0.9", "-o", tmp_path)
     assert result.exit_code == 0, result.output
@@ -286,7 +322,7 @@ def test_sweep_writes_one_plan_per_delta_and_tabulates_them(profile_file, tmp_pa
     assert rows[0]["attention_flops_fraction"] == 1.0 >= rows[1]["attention_flops_fraction"]
     rss = invoke("sweep", "--from-profile", profile_file, "--deltas", "0.9", "--combine", "rss", "-o", tmp_path)
     assert rss.exit_code == 0
-    assert load_plan(tmp_path / "plan-0.9.json").calibration.search == "profile-rss"
+    assert load_plan(tmp_path / "plan-0.9.json").calibration.search == "profile-rss-weighted"
     bad = invoke("sweep", "--from-profile", profile_file, "--deltas", "0.9,1.5")
     assert bad.exit_code == 2 and "deltas: 1.5 is not in (0, 1]" in one_error_line(bad)
 
@@ -297,7 +333,7 @@ def test_search_profile_builds_end_to_end(folders, tmp_path):
                     "--num-prompts", "2", "--search", "profile", "--lags", "2", "--no-latency", "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     plan = load_plan(output)
-    assert plan.calibration.search == "profile" and plan.calibration.delta == 0.9
+    assert plan.calibration.search == "profile-weighted" and plan.calibration.delta == 0.9
 
 
 def test_profile_settings_need_the_profile_search(folders, tmp_path):

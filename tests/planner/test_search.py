@@ -127,9 +127,9 @@ def test_first_candidate_within_budget_is_kept_in_paper_order(pipelines, monkeyp
     trials, losses = [], []
     trying, measure = Runner.trying, planner.search.rel_l1
 
-    def logged_trying(self, overrides):
+    def logged_trying(self, overrides, ffn=None):
         trials.append(dict(overrides))
-        return trying(self, overrides)
+        return trying(self, overrides, ffn)
 
     def logged_measure(outputs, references):
         losses.append(measure(outputs, references))

@@ -156,3 +156,49 @@ def test_forecast_distances_are_those_of_forecasts_from_that_pair_of_steps(kind)
         assert expected > 0
         assert recorder.distance("forecast", t, layer, pair) == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert recorder.grids(STEPS, LAYERS)["forecast"][1][layer] == [None] * len(forecast_pairs(t))
+
+
+def feed_forward_outputs(model, kind: str, methods, ffn, recorder: Recorder | None = None):
+    """Each feed-forward layer's output at each step, ``[step][layer]``, under the two grids."""
+    import msgspec
+
+    from runtime.feedforward import feed_forward_layers
+    from schemas import with_figures
+
+    seen: list[torch.Tensor] = []
+    plan = with_figures(msgspec.structs.replace(
+        plan_for(model, methods, window=WINDOW, cfg_order=ORDERS[kind]), ffn=ffn
+    ))  # fmt: skip
+    with runtime.apply(plan, model) as handle:
+        hooks = [m.register_forward_hook(lambda module, args, out: seen.append(out.clone())) for m in feed_forward_layers(model)]
+        try:
+            handle.runner.recorder = recorder
+            run_steps(model, kind, len(methods), order=ORDERS[kind])
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return [seen[t * LAYERS : (t + 1) * LAYERS] for t in range(len(methods))]
+
+
+@pytest.mark.parametrize("kind", ["pixart", "dit"])
+def test_feed_forward_distances_are_those_of_reuse_and_forecast_as_the_runtime_runs_them(kind):
+    model = float64_model(kind)
+    t, layer = STEPS - 1, 1
+    recorder = Recorder(lags=t)
+    compute = [["compute"] * LAYERS for _ in range(STEPS)]
+    reference = feed_forward_outputs(model, kind, all_full(STEPS, LAYERS), compute, recorder)[t][layer]
+    for lag in range(1, t + 1):
+        ffn = [list(row) for row in compute]
+        for u in range(t - lag + 1, t + 1):
+            ffn[u][layer] = "reuse"
+        got = feed_forward_outputs(model, kind, all_full(STEPS, LAYERS), ffn)[t][layer]
+        assert recorder.distance("ffn_reuse", t, layer, lag) == pytest.approx(relative_l2(got, reference), rel=1e-9)
+    for pair, (j, k) in enumerate(forecast_pairs(t)):
+        ffn = [list(row) for row in compute]
+        for u in range(1, t):
+            ffn[u][layer] = "compute" if u in (t - j, t - k) else "reuse"
+        ffn[t][layer] = "forecast"
+        got = feed_forward_outputs(model, kind, all_full(STEPS, LAYERS), ffn)[t][layer]
+        expected = relative_l2(got, reference)
+        assert expected > 0
+        assert recorder.distance("ffn_forecast", t, layer, pair) == pytest.approx(expected, rel=1e-9, abs=1e-12)
