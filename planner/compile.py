@@ -63,7 +63,7 @@ CFG_SHARING = ("wars_asc", "asc")
 # profile measure -> the method it predicts
 MEASURES = {"ast": "ast", "wars_asc": "wars_asc", "wars": "wars", "wars_after_asc": "wars", "asc": "asc"}
 RESOLUTION = 1000  # δ is compiled on the grid 1 - k / RESOLUTION
-STEP_WEIGHT_POWER = 1.0  # a step's budget is divided by its measured weight to this power
+STEP_WEIGHT_POWER = 0.5  # a step's budget is divided by its measured weight to this power
 Combine = Literal["sum", "rss"]
 COMBINE: tuple[str, ...] = ("sum", "rss")
 Objective = Literal["time", "flops", "transformer"]

@@ -1,11 +1,14 @@
 """Shipped plans at target compute: profile a model once, then compile the plan of each target.
 
 ``python plans/targets.py dit-digits pixart-digits`` writes ``plans/MODEL/a25.json``,
-``a35.json``, ``a45.json`` (attention FLOPs kept about 25, 35, 45 %: the profile compiler's
-default, forecasts and step weights) and ``f40.json`` (feed-forward reuse too, about 40 % of
-the transformer's FLOPs). Each is the plan of the largest δ (on the compiler's 0.001 grid)
-whose figure is at most the target. The profile uses the model's defaults (its calibration
-prompts, 20 steps, window auto, seed 0) on the CPU in float32, without latencies.
+``a35.json``, ``a45.json`` (attention FLOPs kept about 25, 35, 45 %, forecasts among the
+candidates) and ``f40.json`` (feed-forward reuse too, about 40 % of the transformer's
+FLOPs). For each target the profile compiler gives two plans, with and without step
+weights: each the plan of the largest δ (on the compiler's 0.001 grid) whose figure is at
+most the target. Both generate the calibration prompts (seeds 0, 1, …, as
+``bench/peers.py``), and the one closer to the raw images (PSNR) is written. The profile
+uses the model's defaults (its calibration prompts, steps, window auto, seed 0) on the
+CPU in float32, without latencies.
 """
 
 from __future__ import annotations
@@ -15,9 +18,20 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
+
+import runtime
+from planner import yardstick
 from planner.compile import RESOLUTION, Compiler, load_profile
+from planner.embedded import EMBEDDED_MODELS
+from planner.evaluate import EvalInputs, call_kwargs, match_scheduler
+from planner.loading import load_pipeline
 from planner.output import write_plan
+from planner.registry import resolve_model
+from schemas import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTENTION_TARGETS = {"a25": 0.25, "a35": 0.35, "a45": 0.45}
@@ -27,10 +41,26 @@ TRANSFORMER_TARGETS = {"f40": 0.40}
 def plan_at(compiler: Compiler, target: float, figure: str):
     """The plan of the largest δ whose ``summary.<figure>`` is at most ``target``."""
     for k in range(RESOLUTION):
-        plan = compiler.plan(1 - k / RESOLUTION)
+        plan = compiler.plan(round(1 - k / RESOLUTION, 3))
         if getattr(plan.summary, figure) <= target:
             return plan
     raise SystemExit(f"error: no δ reaches {figure} {target}")
+
+
+def closest_to_raw(pipe: Any, model: str, plans: list[Plan]) -> tuple[Plan, list[float]]:
+    """Of ``plans``, the one whose calibration images are closest to raw, and each one's PSNR."""
+    spec, facts = resolve_model(model), EMBEDDED_MODELS[model]
+    inputs = EvalInputs(facts.calibration_prompts, facts.calibration_digits, tuple(range(len(facts.calibration_prompts))))
+    match_scheduler(pipe, plans[0])
+
+    def images() -> np.ndarray:
+        return np.asarray(pipe(**call_kwargs(spec, plans[0], inputs, slice(0, len(inputs)))).images, dtype=np.float64)
+
+    raw, scores = images(), []
+    for plan in plans:
+        with runtime.apply(plan, pipe):
+            scores.append(float(yardstick.psnr(raw, images())))
+    return plans[int(np.argmax(scores))], scores
 
 
 def main() -> None:
@@ -44,15 +74,16 @@ def main() -> None:
             subprocess.run([*planner, "profile", "--model", model, "-o", str(path), "--device", "cpu",
                             "--dtype", "float32", "--no-latency", "--quiet"], check=True, cwd=ROOT)  # fmt: skip
             profile = load_profile(path)
-        attention, transformer = Compiler(profile, objective="flops"), Compiler(profile, ffn=True)
-        for name, target in ATTENTION_TARGETS.items():
-            plan = plan_at(attention, target, "attention_flops_fraction")
+        pipe = load_pipeline(resolve_model(model), torch.device("cpu"), torch.float32)
+        targets = [(name, target, "attention_flops_fraction", False) for name, target in ATTENTION_TARGETS.items()]
+        targets += [(name, target, "transformer_flops_fraction", True) for name, target in TRANSFORMER_TARGETS.items()]
+        for name, target, figure, ffn in targets:
+            options = [plan_at(Compiler(profile, weighted=w, ffn=ffn), target, figure) for w in (True, False)]
+            plan, scores = closest_to_raw(pipe, model, options)
             write_plan(plan, ROOT / "plans" / model / f"{name}.json")
-            print(f"plans/{model}/{name}.json  δ {plan.calibration.delta}, attention {plan.summary.attention_flops_fraction:.3f}")
-        for name, target in TRANSFORMER_TARGETS.items():
-            plan = plan_at(transformer, target, "transformer_flops_fraction")
-            write_plan(plan, ROOT / "plans" / model / f"{name}.json")
-            print(f"plans/{model}/{name}.json  δ {plan.calibration.delta}, transformer {plan.summary.transformer_flops_fraction:.3f}")
+            print(f"plans/{model}/{name}.json  {plan.calibration.search}, δ {plan.calibration.delta}, "
+                  f"{figure} {getattr(plan.summary, figure):.3f}; calibration PSNR weighted {scores[0]:.2f} dB, "
+                  f"unweighted {scores[1]:.2f} dB", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -52,3 +52,23 @@ def test_lower_delta_keeps_no_more_attention(name: str) -> None:
     kept = [runtime.load_plan(path_of(name, d)).summary.attention_flops_fraction for d in DELTAS]
     assert kept == sorted(kept, reverse=True), kept
     assert kept[-1] < 1.0
+
+
+TARGETS = {"a25": 0.25, "a35": 0.35, "a45": 0.45, "f40": 0.40}
+TARGETED = [(name, plan) for name in ("dit-digits", "pixart-digits") for plan in TARGETS]
+
+
+@pytest.mark.parametrize("name, target", TARGETED, ids=[f"{n}-{t}" for n, t in TARGETED])
+def test_target_plans_keep_their_share_and_fit_their_model(name: str, target: str) -> None:
+    """``plans/targets.py``: attention plans at about 25/35/45 %, a feed-forward plan at 40 % of the FLOPs."""
+    plan = runtime.load_plan(PLANS / name / f"{target}.json")
+    model = embedded_model(name)
+    assert plan.calibration.prompts_hash == inputs_hash(list(model.calibration_prompts))
+    assert plan.calibration.search.startswith("profile")
+    figure = plan.summary.transformer_flops_fraction if target == "f40" else plan.summary.attention_flops_fraction
+    assert TARGETS[target] - 0.05 < figure <= TARGETS[target]
+    assert (plan.ffn is not None) == (target == "f40")
+    assert plan.summary.transformer_flops_fraction < 1.0
+    spec = resolve_model(name)
+    if (Path(spec.source) / "model_index.json").is_file():
+        runtime.apply(plan, load_transformer_skeleton(spec), strict=True).remove()
