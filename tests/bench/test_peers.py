@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +71,24 @@ def test_meter_counts_what_the_runtime_counts_at_delta_one(pipes, plans, name):
     assert ours.ffn_tokens == raw.ffn_tokens > 0
 
 
+def test_meter_counts_no_feed_forward_tokens_for_reused_outputs(pipes, plans):
+    """sd3-digits: each block's ``ff`` and, but on the last block, ``ff_context``; reusing a
+    feed-forward layer's output runs none of it, so the meter counts what the runtime computed."""
+    import msgspec
+
+    from runtime.feedforward import feed_forward_layers
+    from schemas import with_figures
+
+    pipe, plan, spec = pipes["sd3-digits"], plans["sd3-digits"], resolve_model("sd3-digits")
+    width = len(feed_forward_layers(pipe.transformer))
+    ffn = [["compute"] * width] + [["reuse"] + ["compute"] * (width - 1) for _ in range(STEPS - 1)]
+    reusing = with_figures(msgspec.structs.replace(plan, ffn=ffn))
+    inputs = EvalInputs(("the digit 3",), (3,), (0,))
+    raw = peers.generate(pipe, spec, plan, inputs, None)
+    ours = peers.generate(pipe, spec, reusing, inputs, peers.ours("F", reusing))
+    assert raw.ffn_tokens - ours.ffn_tokens == (STEPS - 1) * 2 * 256  # ff of block 0: 2 CFG rows x 256 image tokens
+
+
 @pytest.mark.filterwarnings("ignore:torch.meshgrid")  # inside FasterCache's frequency split
 def test_attention_peers_run_on_sd3_joint_and_attn2_layers(pipes, plans):
     pipe, plan, spec = pipes["sd3-digits"], plans["sd3-digits"], resolve_model("sd3-digits")
@@ -93,3 +113,21 @@ def test_bench_table_has_ours_and_every_peer_that_runs_on_flux(plans, tmp_path: 
     for peer in ("TaylorSeer", "FirstBlockCache", "MagCache"):
         assert re.search(rf"\| {peer} \| [^|]+ \| [0-9.]+ % \| [0-9]+ % \|", text), text
     assert "| PAB |" not in text and "| FasterCache |" not in text
+
+
+def test_curves_plot_psnr_against_attention_and_time_one_series_per_method(tmp_path):
+    from bench.plot import save_plot
+
+    rows = [
+        peers.Row("raw", "", 1.0, 1.0, 0.9, math.inf, 1.0, 1.0),
+        peers.Row("ditfastattn", "A45", 0.45, 1.0, 0.9, 31.0, 0.98, 0.8),
+        peers.Row("TaylorSeer", "interval 3", 0.45, 1.0, 0.9, 29.0, 0.97, 0.7),
+        peers.Row("ditfastattn", "A25", 0.25, 1.0, 0.9, 24.0, 0.92, 0.7),
+        peers.Row("TaylorSeer", "interval 8", 0.25, 1.0, 0.9, 20.0, 0.86, 0.6),
+    ]
+    attention, time = peers.curves("dit-digits", rows)
+    assert [s.name for s in attention.series] == ["ditfastattn", "TaylorSeer"]
+    assert attention.series[0].points == [(25.0, 24.0), (45.0, 31.0)]
+    assert time.series[1].points == [(0.6, 20.0), (0.7, 29.0)]
+    save_plot(tmp_path / "curves.png", [attention, time])
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -113,6 +113,34 @@ def test_compiled_blocks_run_every_method_like_eager_with_one_graph_per_variant(
     assert stats.attention_flops_fraction == pytest.approx(eager_stats.attention_flops_fraction)
 
 
+def test_forecasts_and_feed_forward_reuse_compile_like_eager_without_recompiling():
+    """``forecast``'s coefficient is a tensor input (no recompile per step); feed-forward
+    reuse runs eagerly between the block's graphs."""
+    import msgspec
+
+    from schemas import with_figures
+
+    model = model_of("dit")
+    methods = [["full"] * 3, ["full", "ast", "full"], ["forecast", "ast", "wars"], ["forecast", "full", "forecast"],
+               ["full", "forecast", "forecast"]]  # fmt: skip
+    ffn = [["compute"] * 3, ["compute", "reuse", "compute"], ["forecast", "reuse", "compute"],
+           ["forecast", "compute", "reuse"], ["compute", "forecast", "forecast"]]  # fmt: skip
+    plan = with_figures(msgspec.structs.replace(plan_for(model, methods, cfg_order="cond_uncond"), ffn=ffn))
+    with runtime.apply(plan, model) as handle:
+        eager = generation(model, "dit", len(methods))
+    with compiles() as seen, runtime.apply(plan, model, compile={"backend": BACKEND}) as handle:
+        first = generation(model, "dit", len(methods))
+        compiled_first = len(seen.ids)
+        handle.reset()
+        second = generation(model, "dit", len(methods))
+        compiled_second = len(seen.ids) - compiled_first
+        stats = handle.stats()
+    assert_close_all(first, eager)
+    assert_close_all(second, eager)
+    assert compiled_second == 0
+    assert stats.method_counts["forecast"] == 2 * 5 and stats.ffn_counts["forecast"] == 2 * 4
+
+
 def test_latte_spatial_and_temporal_blocks_compile_per_window_and_kind():
     model = tiny_latte_transformer(seed=3)
     tokens = 16
