@@ -38,13 +38,13 @@ ATTENTION_TARGETS = {"a25": 0.25, "a35": 0.35, "a45": 0.45}
 TRANSFORMER_TARGETS = {"f40": 0.40}
 
 
-def plan_at(compiler: Compiler, target: float, figure: str):
-    """The plan of the largest δ whose ``summary.<figure>`` is at most ``target``."""
+def plan_at(compiler: Compiler, target: float, figure: str) -> Plan | None:
+    """The plan of the largest δ whose ``summary.<figure>`` is at most ``target`` (``None``: none)."""
     for k in range(RESOLUTION):
         plan = compiler.plan(round(1 - k / RESOLUTION, 3))
         if getattr(plan.summary, figure) <= target:
             return plan
-    raise SystemExit(f"error: no δ reaches {figure} {target}")
+    return None
 
 
 def closest_to_raw(pipe: Any, model: str, plans: list[Plan]) -> tuple[Plan, list[float]]:
@@ -79,6 +79,9 @@ def main() -> None:
         targets += [(name, target, "transformer_flops_fraction", True) for name, target in TRANSFORMER_TARGETS.items()]
         for name, target, figure, ffn in targets:
             options = [plan_at(Compiler(profile, weighted=w, ffn=ffn), target, figure) for w in (True, False)]
+            if None in options:
+                print(f"plans/{model}/{name}.json  not written: no δ keeps {figure} at most {target}", flush=True)
+                continue
             plan, scores = closest_to_raw(pipe, model, options)
             write_plan(plan, ROOT / "plans" / model / f"{name}.json")
             print(f"plans/{model}/{name}.json  {plan.calibration.search}, δ {plan.calibration.delta}, "

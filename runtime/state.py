@@ -130,6 +130,16 @@ class LayerCache:
         return _nbytes(self.output) + _nbytes(self.previous) + _nbytes(self.shared)
 
 
+def _made(calls: list[list[LayerCache]], call: int, layer: int) -> LayerCache:
+    """``calls[call][layer]``, growing the lists as needed."""
+    while len(calls) <= call:
+        calls.append([])
+    caches = calls[call]
+    while len(caches) <= layer:
+        caches.append(LayerCache())
+    return caches[layer]
+
+
 class GenerationState:
     """Caches and step counter of one generation; ``reset`` starts the next one.
 
@@ -156,23 +166,11 @@ class GenerationState:
 
     def cache(self, layer: int, call: int | None = None) -> LayerCache:
         """The caches of ``layer`` in ``call`` (default: the current call), made on first use."""
-        call = self.call if call is None else call
-        while len(self.calls) <= call:
-            self.calls.append([])
-        caches = self.calls[call]
-        while len(caches) <= layer:
-            caches.append(LayerCache())
-        return caches[layer]
+        return _made(self.calls, self.call if call is None else call, layer)
 
     def ffn_cache(self, layer: int, call: int | None = None) -> LayerCache:
         """The output caches of feed-forward layer ``layer`` in ``call`` (default: the current call)."""
-        call = self.call if call is None else call
-        while len(self.ffn_calls) <= call:
-            self.ffn_calls.append([])
-        caches = self.ffn_calls[call]
-        while len(caches) <= layer:
-            caches.append(LayerCache())
-        return caches[layer]
+        return _made(self.ffn_calls, self.call if call is None else call, layer)
 
     @property
     def caches(self) -> list[LayerCache]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 import torch
 
 import runtime
 from runtime import Recorder
-from schemas import forecast_pairs
+from runtime.feedforward import feed_forward_layers
+from schemas import forecast_pairs, with_figures
 from tests.plans import all_full, plan_for
 from tests.runtime.conftest import float64_model, generate_dit, generate_pixart, run_steps
 
@@ -26,22 +28,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def attention_outputs(model, kind: str, methods: list[list[str]], recorder: Recorder | None = None):
-    """Each layer's attention output at each step, ``[step][layer]``, under ``methods``."""
+def outputs_of(modules, model, kind: str, plan, recorder: Recorder | None) -> list[list[torch.Tensor]]:
+    """Each of ``modules``' output at each step, ``[step][module]``, with ``plan`` applied."""
     seen: list[torch.Tensor] = []
-    hooks = [
-        block.attn1.register_forward_hook(lambda module, args, out: seen.append(out.clone()))
-        for block in model.transformer_blocks
-    ]
-    plan = plan_for(model, methods, window=WINDOW, cfg_order=ORDERS[kind])
+    hooks = [m.register_forward_hook(lambda module, args, out: seen.append(out.clone())) for m in modules]
     try:
         with runtime.apply(plan, model) as handle:
             handle.runner.recorder = recorder
-            run_steps(model, kind, len(methods), order=ORDERS[kind])
+            run_steps(model, kind, len(plan.methods), order=ORDERS[kind])
     finally:
         for hook in hooks:
             hook.remove()
-    return [seen[t * LAYERS : (t + 1) * LAYERS] for t in range(len(methods))]
+    return [seen[t * LAYERS : (t + 1) * LAYERS] for t in range(len(plan.methods))]
+
+
+def attention_outputs(model, kind: str, methods: list[list[str]], recorder: Recorder | None = None):
+    """Each layer's attention output at each step, ``[step][layer]``, under ``methods``."""
+    plan = plan_for(model, methods, window=WINDOW, cfg_order=ORDERS[kind])
+    return outputs_of([block.attn1 for block in model.transformer_blocks], model, kind, plan, recorder)
 
 
 def relative_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
@@ -160,24 +164,8 @@ def test_forecast_distances_are_those_of_forecasts_from_that_pair_of_steps(kind)
 
 def feed_forward_outputs(model, kind: str, methods, ffn, recorder: Recorder | None = None):
     """Each feed-forward layer's output at each step, ``[step][layer]``, under the two grids."""
-    import msgspec
-
-    from runtime.feedforward import feed_forward_layers
-    from schemas import with_figures
-
-    seen: list[torch.Tensor] = []
-    plan = with_figures(msgspec.structs.replace(
-        plan_for(model, methods, window=WINDOW, cfg_order=ORDERS[kind]), ffn=ffn
-    ))  # fmt: skip
-    with runtime.apply(plan, model) as handle:
-        hooks = [m.register_forward_hook(lambda module, args, out: seen.append(out.clone())) for m in feed_forward_layers(model)]
-        try:
-            handle.runner.recorder = recorder
-            run_steps(model, kind, len(methods), order=ORDERS[kind])
-        finally:
-            for hook in hooks:
-                hook.remove()
-    return [seen[t * LAYERS : (t + 1) * LAYERS] for t in range(len(methods))]
+    plan = with_figures(msgspec.structs.replace(plan_for(model, methods, window=WINDOW, cfg_order=ORDERS[kind]), ffn=ffn))
+    return outputs_of(feed_forward_layers(model), model, kind, plan, recorder)
 
 
 @pytest.mark.parametrize("kind", ["pixart", "dit"])
