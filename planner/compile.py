@@ -1,9 +1,13 @@
 """Compile a plan from a profile for any δ, without running the model.
 
 The rule mirrors the greedy search (DESIGN §2) on predicted losses. Per step
-``t = 1 … T-1`` and layer ``i = 0 … L-1`` in order, the first candidate of ``ast``,
-``wars_asc``, ``wars``, ``asc`` whose predicted loss fits ``(i + 1) / L × (1 − δ)`` is
-kept, else ``full``. A candidate's own loss is predicted as ``gain[t][i] × dist`` and
+``t = 1 … T-1`` and layer ``i = 0 … L-1`` in order, the first candidate of ``ast`` /
+``forecast`` (both free: the lower loss of the two), ``wars_asc``, ``wars``, ``asc`` whose
+predicted loss fits ``(i + 1) / L × (1 − δ) / w_t`` is kept, else ``full``. ``w_t`` is the
+profile's step weight to the power ``STEP_WEIGHT_POWER`` (1 without weights): steps whose
+errors move the final image more get less budget. With ``ffn`` the feed-forward layers
+take part too (``reuse`` / ``forecast``, else ``compute``), interleaved with the attention
+layers by depth, and the objective is the transformer's FLOPs. A candidate's own loss is predicted as ``gain[t][i] × dist`` and
 added to the loss of the step's earlier choices: ``sum`` (default) adds them, an upper
 bound when errors do not cancel; ``rss`` takes the root of the sum of squares, as for
 independent errors, which usually keeps less attention at the same δ. Here

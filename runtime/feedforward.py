@@ -64,12 +64,10 @@ class FeedForwardStep:
                 runner.recorder.record_ffn(runner, j, out)
             return out
         last = cache.output
-        if last is None or (method == "forecast" and cache.previous is None):
+        c = runner.forecast_coefficient(step, cache) if method == "forecast" else None
+        if last is None or (method == "forecast" and c is None):
             raise PlanError(f"$.ffn[{step}][{j}]: {method!r} has no earlier computed output to read")
-        if method == "reuse":
-            return last
-        c = runner.forecast_coefficient(step, cache)
-        return last + (last - cache.previous) * c
+        return last if method == "reuse" else last + (last - cache.previous) * c
 
 
 def install_feed_forwards(runner: Runner, model: torch.nn.Module, width: int) -> list[tuple[torch.nn.Module, Any]]:

@@ -26,8 +26,8 @@ class FastAttnProcessor:
     skipping q/k/v; ``asc`` full attention on the conditional rows, copied to the
     unconditional ones; ``wars_asc`` window plus residual on the conditional rows,
     copied; ``forecast`` the layer's last two computed outputs extrapolated, first order
-    in the timestep, to this step, skipping q/k/v. What to run and which caches to touch is a ``LayerStep`` made by the
-    shared ``Runner`` (``Runner.layer_step``); ``execute`` runs it. ``adapter`` says how
+    in the timestep, to this step, skipping q/k/v. What to run and which caches to touch
+    is a ``LayerStep`` made by the shared ``Runner`` (``Runner.layer_step``); ``execute`` runs it. ``adapter`` says how
     the layer's processor family makes q/k/v and its outputs (``runtime/adapters.py``).
 
     Under ``torch.compile`` the processor is traced with its block: it reads only
