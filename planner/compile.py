@@ -98,7 +98,13 @@ class Predictor:
     """Predicted output losses of every candidate at every (step, layer, cache age)."""
 
     def __init__(
-        self, profile: Profile, objective: Objective = "flops", *, weighted: bool = True, ffn: bool = False
+        self,
+        profile: Profile,
+        objective: Objective = "flops",
+        *,
+        weighted: bool = True,
+        ffn: bool = False,
+        power: float = STEP_WEIGHT_POWER,
     ) -> None:
         self.profile = profile
         m = profile.measurements
@@ -132,7 +138,7 @@ class Predictor:
         self.pairs = {pair: p for p, pair in enumerate(forecast_pairs(self.lags))}
         self.weights = [1.0] * self.steps
         if weighted and m.step_weight is not None:
-            self.weights = [1.0 if w is None else w**STEP_WEIGHT_POWER for w in m.step_weight]
+            self.weights = [1.0 if w is None else w**power for w in m.step_weight]
 
     def forecast_loss(self, t: int, i: int, a: int, b: int) -> float | None:
         """Predicted output loss of ``forecast`` at ``(t, i)`` from the outputs of steps ``a > b``."""
@@ -325,10 +331,12 @@ class Compiler:
         objective: Objective | None = None,
         weighted: bool = True,
         ffn: bool = False,
+        power: float = STEP_WEIGHT_POWER,
     ) -> None:
         self.profile = profile
         self.combine: Combine = combine
         self.weighted = weighted and profile.measurements.step_weight is not None
+        self.power = power
         if ffn and profile.measurements.ffn_reuse is None:
             raise bad_input("ffn: the profile measured no feed-forward layers; profile again with --ffn")
         if ffn and objective not in (None, "transformer"):
@@ -340,7 +348,7 @@ class Compiler:
         self.objective: Objective = objective or ("time" if profile.latency is not None else "flops")
         if self.objective == "time" and profile.latency is None:
             raise bad_input("objective: the profile has no measured latencies; use --objective flops")
-        self.predictor = Predictor(profile, self.objective, weighted=self.weighted, ffn=ffn)
+        self.predictor = Predictor(profile, self.objective, weighted=self.weighted, ffn=ffn, power=power)
         self._rules: dict[int, Choice] = {}
         self._best: list[Choice] = []  # _best[k]: least FLOPs among rules 0..k
 
@@ -370,7 +378,8 @@ class Compiler:
         """The checked plan for δ, with the profile's header facts and predicted losses."""
         choice = self.choice(delta)
         base = header_plan(self.profile, choice.methods, choice.ffn)
-        search = SEARCH_NAMES[self.combine] + ("-weighted" if self.weighted else "") + (
+        weights = "-weighted" if self.power == STEP_WEIGHT_POWER else f"-weighted^{self.power:g}"
+        search = SEARCH_NAMES[self.combine] + (weights if self.weighted else "") + (
             {"time": "-time", "transformer": "-transformer"}.get(self.objective, "")
         )
         plan = msgspec.structs.replace(

@@ -1,14 +1,16 @@
 """Shipped plans at target compute: profile a model once, then compile the plan of each target.
 
 ``python plans/targets.py dit-digits pixart-digits`` writes ``plans/MODEL/a25.json``,
-``a35.json``, ``a45.json`` (attention FLOPs kept about 25, 35, 45 %, forecasts among the
-candidates) and ``f40.json`` (feed-forward reuse too, about 40 % of the transformer's
-FLOPs). For each target the profile compiler gives two plans, with and without step
-weights: each the plan of the largest δ (on the compiler's 0.001 grid) whose figure is at
-most the target. Both generate the calibration prompts (seeds 0, 1, …, as
-``bench/peers.py``), and the one closer to the raw images (PSNR) is written. The profile
-uses the model's defaults (its calibration prompts, steps, window auto, seed 0) on the
-CPU in float32, without latencies.
+``a35.json``, ``a45.json`` (attention FLOPs executed about 25, 35, 45 %, forecasts among
+the candidates) and ``f40.json`` (feed-forward reuse too, about 40 % of the transformer's
+FLOPs). "Executed" counts, as the runtime does, the window attention of the steps that
+refresh a ``wars`` residual on top of the plan's own figure. For each target the profile
+compiler gives three plans, with step weights to the power 1, ½ and without them: each the
+plan of the largest δ (on the compiler's 0.001 grid) whose figure is at most the target.
+All three generate the calibration prompts (seeds 0, 1, …, as ``bench/peers.py``), and
+the one closest to the raw images (PSNR) is written. The profile uses the model's defaults
+(its calibration prompts, steps, window auto, seed 0) on the CPU in float32, without
+latencies.
 """
 
 from __future__ import annotations
@@ -31,18 +33,38 @@ from planner.evaluate import EvalInputs, call_kwargs, match_scheduler
 from planner.loading import load_pipeline
 from planner.output import write_plan
 from planner.registry import resolve_model
-from schemas import Plan
+from schemas import Plan, layer_weight, method_cost, plan_layers
+from schemas.latency import refreshed_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTENTION_TARGETS = {"a25": 0.25, "a35": 0.35, "a45": 0.45}
 TRANSFORMER_TARGETS = {"f40": 0.40}
 
 
+POWERS = (1.0, 0.5, None)  # step weights to this power; None: without
+
+
+def executed_attention(plan: Plan) -> float:
+    """The plan's attention FLOPs fraction plus the windows its residual refreshes run
+    (half a window at an ``asc`` step), as ``RunStats`` counts them."""
+    layers = plan_layers(plan)
+    weights = [layer_weight(x) for x in layers]
+    refresh = sum(
+        weights[i] * (0.5 if plan.methods[t][i] == "asc" else 1.0)
+        * method_cost("wars", layers[i].num_tokens, layers[i].window, layers[i].text_tokens)
+        for t, i in refreshed_cells(plan.methods)
+    )  # fmt: skip
+    return plan.summary.attention_flops_fraction + refresh / (sum(weights) * len(plan.methods))
+
+
+FIGURES = {"attention": executed_attention, "transformer": lambda plan: plan.summary.transformer_flops_fraction}
+
+
 def plan_at(compiler: Compiler, target: float, figure: str) -> Plan | None:
-    """The plan of the largest δ whose ``summary.<figure>`` is at most ``target`` (``None``: none)."""
+    """The plan of the largest δ whose ``figure`` is at most ``target`` (``None``: none)."""
     for k in range(RESOLUTION):
         plan = compiler.plan(round(1 - k / RESOLUTION, 3))
-        if getattr(plan.summary, figure) <= target:
+        if FIGURES[figure](plan) <= target:
             return plan
     return None
 
@@ -75,18 +97,19 @@ def main() -> None:
                             "--dtype", "float32", "--no-latency", "--quiet"], check=True, cwd=ROOT)  # fmt: skip
             profile = load_profile(path)
         pipe = load_pipeline(resolve_model(model), torch.device("cpu"), torch.float32)
-        targets = [(name, target, "attention_flops_fraction", False) for name, target in ATTENTION_TARGETS.items()]
-        targets += [(name, target, "transformer_flops_fraction", True) for name, target in TRANSFORMER_TARGETS.items()]
+        targets = [(name, target, "attention", False) for name, target in ATTENTION_TARGETS.items()]
+        targets += [(name, target, "transformer", True) for name, target in TRANSFORMER_TARGETS.items()]
         for name, target, figure, ffn in targets:
-            options = [plan_at(Compiler(profile, weighted=w, ffn=ffn), target, figure) for w in (True, False)]
+            compilers = [Compiler(profile, weighted=p is not None, ffn=ffn, power=p or 0.0) for p in POWERS]
+            options = [plan_at(c, target, figure) for c in compilers]
             if None in options:
-                print(f"plans/{model}/{name}.json  not written: no δ keeps {figure} at most {target}", flush=True)
+                print(f"plans/{model}/{name}.json  not written: no δ keeps {figure} FLOPs at most {target}", flush=True)
                 continue
             plan, scores = closest_to_raw(pipe, model, options)
             write_plan(plan, ROOT / "plans" / model / f"{name}.json")
-            print(f"plans/{model}/{name}.json  {plan.calibration.search}, δ {plan.calibration.delta}, "
-                  f"{figure} {getattr(plan.summary, figure):.3f}; calibration PSNR weighted {scores[0]:.2f} dB, "
-                  f"unweighted {scores[1]:.2f} dB", flush=True)  # fmt: skip
+            tried = ", ".join(f"{o.calibration.search} {s:.2f} dB" for o, s in zip(options, scores))
+            print(f"plans/{model}/{name}.json  δ {plan.calibration.delta}, {figure} {FIGURES[figure](plan):.3f}; "
+                  f"calibration PSNR: {tried}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def test_target_plans_keep_their_share_and_fit_their_model(name: str, target: st
     assert plan.calibration.prompts_hash == inputs_hash(list(model.calibration_prompts))
     assert plan.calibration.search.startswith("profile")
     figure = plan.summary.transformer_flops_fraction if target == "f40" else plan.summary.attention_flops_fraction
-    assert TARGETS[target] - 0.05 < figure <= TARGETS[target]
+    assert TARGETS[target] - 0.1 < figure <= TARGETS[target]  # a25-a45: executed, refreshes included, at most the target
     assert (plan.ffn is not None) == (target == "f40")
     assert plan.summary.transformer_flops_fraction < 1.0
     spec = resolve_model(name)
