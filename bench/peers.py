@@ -483,7 +483,8 @@ def curves(model: str, rows: list[Row]) -> list[Panel]:
     return [
         Panel(f"{model}: quality against attention kept", "attention FLOPs kept (%)", "PSNR vs raw (dB)",
               series(lambda r: 100 * r.attention)),
-        Panel(f"{model}: quality against wall time", "time / raw", "PSNR vs raw (dB)", series(lambda r: r.time_ratio)),
+        Panel(f"{model}: quality against wall time", "time / raw", "PSNR vs raw (dB)", series(lambda r: r.time_ratio),
+              lines=False),
     ]  # fmt: skip
 
 

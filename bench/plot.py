@@ -37,12 +37,13 @@ class Series:
 
 @dataclass(frozen=True)
 class Panel:
-    """One chart: its title, axis labels and curves."""
+    """One chart: its title, axis labels and curves (``lines``: points joined, else markers only)."""
 
     title: str
     xlabel: str
     ylabel: str
     series: list[Series]
+    lines: bool = True
 
 
 def colour_of(name: str, names: list[str]) -> tuple[int, int, int]:
@@ -133,7 +134,7 @@ def _panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel, nam
         index = names.index(s.name)
         colour, shape = colour_of(s.name, names), MARKERS[index % len(MARKERS)]
         finite = sorted((px(x), py(y)) for x, y in s.points if math.isfinite(x) and math.isfinite(y))
-        if len(finite) > 1:
+        if panel.lines and len(finite) > 1:
             draw.line(finite, fill=colour, width=2, joint="curve")
         for x, y in finite:
             _marker(draw, shape, x, y, colour)

@@ -127,3 +127,15 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(OSError, match="disk full"):
         save_plot(old, [panel()])
     assert list(tmp_path.iterdir()) == [old] and old.read_bytes() == b"previous chart"
+
+
+def test_a_panel_without_lines_draws_markers_only(tmp_path):
+    points = [(0.0, 0.0), (10.0, 10.0)]
+    for lines in (True, False):
+        save_plot(tmp_path / f"{lines}.png", [Panel("t", "x", "y", [Series("a", points)], lines=lines)])
+    left, top, right, bottom = plot_box(0, 1)
+    colour = colour_of("a", ["a"])
+    middle = [((left + right) // 2 + dx, (top + bottom) // 2 + dy) for dx in range(-3, 4) for dy in range(-3, 4)]
+    with Image.open(tmp_path / "True.png") as joined, Image.open(tmp_path / "False.png") as scattered:
+        assert any(joined.convert("RGB").getpixel(p) == colour for p in middle)
+        assert not any(scattered.convert("RGB").getpixel(p) == colour for p in middle)
