@@ -102,7 +102,7 @@ class Predictor:
         profile: Profile,
         objective: Objective = "flops",
         *,
-        weighted: bool = True,
+        weighted: bool = False,
         ffn: bool = False,
         power: float = STEP_WEIGHT_POWER,
     ) -> None:
@@ -329,7 +329,7 @@ class Compiler:
         *,
         combine: Combine = "sum",
         objective: Objective | None = None,
-        weighted: bool = True,
+        weighted: bool = False,
         ffn: bool = False,
         power: float = STEP_WEIGHT_POWER,
     ) -> None:
@@ -397,7 +397,7 @@ def compile_plan(
     *,
     combine: Combine = "sum",
     objective: Objective | None = None,
-    weighted: bool = True,
+    weighted: bool = False,
     ffn: bool = False,
 ) -> Plan:
     """The plan for ``delta`` compiled from ``profile`` (see the module docstring)."""
@@ -410,7 +410,7 @@ def compile_plans(
     *,
     combine: Combine = "sum",
     objective: Objective | None = None,
-    weighted: bool = True,
+    weighted: bool = False,
     ffn: bool = False,
 ) -> list[Plan]:
     """One plan per δ, sharing the work between them."""

@@ -58,7 +58,7 @@ class BuildSettings(BaseModel):
     latency: bool = True
     objective: Literal["time", "flops", "transformer"] | None = None
     ffn: bool = False  # feed-forward reuse: measured by the profile, compiled into the plan
-    step_weights: bool = True  # the compiler weighs each step's budget by its effect on the result
+    step_weights: bool = False  # the compiler weighs each step's budget by its effect on the result
 
     @field_validator("classes", "probes", mode="before")
     @classmethod

@@ -100,8 +100,8 @@ def test_step_weights_share_the_budget_by_each_step_s_effect_on_the_result():
     weights = [None, 4.0, 0.25, 0.25, 4.0, 0.25]
     p = profile(ast=0.5, weights=weights)
     delta = 1 - 2 * GAIN * 0.5 / 1.5  # unweighted: one layer-step of ast fits at every step
-    plain = Compiler(p, weighted=False, objective="flops").plan(delta)
-    weighted = Compiler(p, objective="flops").plan(delta)
+    plain = Compiler(p, objective="flops").plan(delta)
+    weighted = Compiler(p, weighted=True, objective="flops").plan(delta)
     assert weighted.calibration.search == "profile-weighted"
     assert plain.calibration.search == "profile"
     for t in (1, 4):  # weight 4: a quarter of the budget, no reuse fits

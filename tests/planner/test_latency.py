@@ -86,10 +86,10 @@ def test_compiled_plans_skip_slower_methods_and_never_cost_more_time_at_lower_de
     assert times[-1] < 1.0
     for plan in plans:
         assert not {m for row in plan.methods for m in row} & {"ast", "wars"}
-        assert plan.calibration.search == "profile-weighted-time"
+        assert plan.calibration.search == "profile-time"
         assert plan.latency == timed_profile.latency
     flops_plans = compile_plans(timed_profile, deltas, objective="flops")
-    assert [p.calibration.search for p in flops_plans] == ["profile-weighted"] * len(deltas)
+    assert [p.calibration.search for p in flops_plans] == ["profile"] * len(deltas)
 
 
 def test_time_objective_needs_latencies(timed_profile):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import cli
 import runtime
 from planner.build import build_plan
-from planner.compile import RESOLUTION, Compiler, Predictor, compile_plan, compile_plans, load_profile
+from planner.compile import RESOLUTION, STEP_WEIGHT_POWER, Compiler, Predictor, compile_plan, compile_plans, load_profile
 from planner.errors import PlannerError
 from planner.profile import profile_model, write_profile
 from runtime import load_plan
@@ -82,7 +82,7 @@ def test_delta_one_compiles_an_all_full_plan(profiled, name):
     plan = compile_plan(profiled[name][0].profile, 1.0)
     assert {m for row in plan.methods for m in row} == {"full"}
     assert plan.summary.attention_flops_fraction == 1.0
-    assert plan.calibration.search == "profile-weighted" and plan.calibration.delta == 1.0
+    assert plan.calibration.search == "profile" and plan.calibration.delta == 1.0
 
 
 @pytest.mark.parametrize("name", ["pixart-sigma", "dit"])
@@ -117,7 +117,7 @@ def test_feed_forward_plans_validate_run_and_keep_less_at_lower_delta(pipelines,
     assert any(m != "compute" for p in plans for row in p.ffn for m in row)
     for plan in plans:
         assert decode_plan(encode_plan(plan)) == plan
-        assert plan.calibration.search == "profile-weighted-transformer"
+        assert plan.calibration.search == "profile-transformer"
         with runtime.apply(plan, pipe) as handle:
             fresh_generation(pipe, req)
         counts = {m: sum(row.count(m) for row in plan.ffn) for m in ("compute", "reuse", "forecast")}
@@ -129,12 +129,14 @@ def test_feed_forward_plans_validate_run_and_keep_less_at_lower_delta(pipelines,
 def test_compiled_predictions_stay_within_each_layer_budget(profiled, name):
     for delta in LADDER[1:]:
         profile = profiled[name][0].profile
-        plan = compile_plan(profile, delta)
-        layers = plan.model.num_layers
         weights = profile.measurements.step_weight
-        for t, row in enumerate(plan.losses[1:], start=1):
-            for i, loss in enumerate(row):
-                assert loss <= (i + 1) / layers * (1 - delta) / weights[t] * (1 + 1e-12)
+        for weighted in (False, True):
+            plan = compile_plan(profile, delta, weighted=weighted)
+            layers = plan.model.num_layers
+            for t, row in enumerate(plan.losses[1:], start=1):
+                scale = weights[t] ** STEP_WEIGHT_POWER if weighted else 1.0
+                for i, loss in enumerate(row):
+                    assert loss <= (i + 1) / layers * (1 - delta) / scale * (1 + 1e-12)
         assert plan.losses[0] == [None] * layers
 
 
@@ -294,14 +296,14 @@ def test_build_from_profile_writes_the_compiled_plan(profile_file, folders, tmp_
     assert f"{100 * plan.summary.attention_flops_fraction:.1f} %" in result.stdout
 
 
-def test_build_from_profile_with_ffn_and_without_step_weights(profile_file, tmp_path):
+def test_build_from_profile_with_ffn_and_step_weights(profile_file, tmp_path):
     output = tmp_path / "plan.json"
     result = invoke("build", "--from-profile", profile_file, "--delta", "0.8", "-o", output, "--ffn",
-                    "--no-step-weights")  # fmt: skip
+                    "--step-weights")  # fmt: skip
     assert result.exit_code == 0, result.output
     plan = load_plan(output)
-    assert plan == compile_plan(load_profile(profile_file), 0.8, ffn=True, weighted=False)
-    assert plan.calibration.search == "profile-transformer" and plan.ffn is not None
+    assert plan == compile_plan(load_profile(profile_file), 0.8, ffn=True, weighted=True)
+    assert plan.calibration.search == "profile-weighted-transformer" and plan.ffn is not None
     assert "feed-forward FLOPs" in result.stdout and "transformer FLOPs" in result.stdout
     refused = invoke("build", "--from-profile", profile_file, "--delta", "0.8", "-o", tmp_path / "no.json", "--ffn",
                      "--objective", "flops")  # fmt: skip
@@ -322,7 +324,7 @@ def test_sweep_writes_one_plan_per_delta_and_tabulates_them(profile_file, tmp_pa
     assert rows[0]["attention_flops_fraction"] == 1.0 >= rows[1]["attention_flops_fraction"]
     rss = invoke("sweep", "--from-profile", profile_file, "--deltas", "0.9", "--combine", "rss", "-o", tmp_path)
     assert rss.exit_code == 0
-    assert load_plan(tmp_path / "plan-0.9.json").calibration.search == "profile-rss-weighted"
+    assert load_plan(tmp_path / "plan-0.9.json").calibration.search == "profile-rss"
     bad = invoke("sweep", "--from-profile", profile_file, "--deltas", "0.9,1.5")
     assert bad.exit_code == 2 and "deltas: 1.5 is not in (0, 1]" in one_error_line(bad)
 
@@ -333,7 +335,7 @@ def test_search_profile_builds_end_to_end(folders, tmp_path):
                     "--num-prompts", "2", "--search", "profile", "--lags", "2", "--no-latency", "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     plan = load_plan(output)
-    assert plan.calibration.search == "profile-weighted" and plan.calibration.delta == 0.9
+    assert plan.calibration.search == "profile" and plan.calibration.delta == 0.9
 
 
 def test_profile_settings_need_the_profile_search(folders, tmp_path):
