@@ -200,7 +200,8 @@ def grid(plan: Plan) -> Table:
     wide = plan.model.num_layers > MAX_GRID_LAYERS
     heading = f"layers 0 … {plan.model.num_layers - 1}" + (" (method counts)" if wide else "")
     table.add_column(heading)
-    if plan.ffn is not None and len(plan.ffn[0]) <= MAX_GRID_LAYERS:
+    ffn_letters = plan.ffn is not None and len(plan.ffn[0]) <= MAX_GRID_LAYERS
+    if ffn_letters:
         table.add_column(f"feed-forward 0 … {len(plan.ffn[0]) - 1}")
     table.add_column("FLOPs", justify="right")
     weights = [layer_weight(layer) for layer in layers]
@@ -213,7 +214,7 @@ def grid(plan: Plan) -> Table:
         row = plan.methods[t]
         cells = method_counts({m: row.count(m) for m in METHODS}) if wide else _letters(row, layers, video)
         kept = sum(w * method_cost(m, layer.num_tokens, layer.window, layer.text_tokens) for m, layer, w in zip(row, layers, weights))
-        ffn = [_ffn_letters(plan.ffn[t])] if plan.ffn is not None and len(plan.ffn[0]) <= MAX_GRID_LAYERS else []
+        ffn = [_ffn_letters(plan.ffn[t])] if ffn_letters else []
         table.add_row(str(t), cells, *ffn, percent(kept / total))
     return table
 

@@ -40,6 +40,13 @@ def map_outputs(fn: Callable[[torch.Tensor], torch.Tensor], out: Outputs) -> Out
     return tuple(fn(x) for x in out) if isinstance(out, tuple) else fn(out)
 
 
+def extrapolate(last: Outputs, before: Outputs, c: torch.Tensor) -> Outputs:
+    """``last + (last - before) × c``, per output of a joint layer (``None`` outputs stay ``None``)."""
+    if isinstance(last, tuple):
+        return tuple(None if a is None else a + (a - b) * c for a, b in zip(last, before))
+    return last + (last - before) * c
+
+
 def joined(out: Outputs) -> torch.Tensor:
     """A layer's outputs as one tensor (a joint layer's along the tokens) for measurements."""
     return torch.cat(out, dim=1) if isinstance(out, tuple) else out

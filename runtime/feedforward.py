@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runtime.adapters import extrapolate
 from schemas import PlanError
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class FeedForwardStep:
         c = runner.forecast_coefficient(step, cache) if method == "forecast" else None
         if last is None or (method == "forecast" and c is None):
             raise PlanError(f"$.ffn[{step}][{j}]: {method!r} has no earlier computed output to read")
-        return last if method == "reuse" else last + (last - cache.previous) * c
+        return last if method == "reuse" else extrapolate(last, cache.previous, c)
 
 
 def install_feed_forwards(runner: Runner, model: torch.nn.Module, width: int) -> list[tuple[torch.nn.Module, Any]]:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runtime.adapters import SELF, Adapter, AttnCall, Outputs, joined
+from runtime.adapters import SELF, Adapter, AttnCall, Outputs, extrapolate, joined
 from runtime.kernels import full_attention
 from runtime.schedule import COMPUTES_FULL
 from schemas import PlanError
@@ -156,17 +156,12 @@ def _from_conditional_call(todo: LayerStep) -> Outputs:
 
 
 def _forecast(todo: LayerStep, last: Outputs, before: Outputs | None) -> Outputs:
-    """``last + (last - before) × c``: the first-order extrapolation whose coefficient
-    ``c = (τ_t − τ_a) / (τ_a − τ_b)`` the runner computed from the timesteps of this step and
-    of the two outputs' steps (``Runner.forecast_coefficient``)."""
+    """The first-order extrapolation of the layer's two kept outputs (``Runner.forecast_coefficient``)."""
     if before is None or todo.coefficient is None:
         raise PlanError(
             f"$.methods[{todo.step}][{todo.layer}]: 'forecast' needs the layer's two earlier computed outputs"
         )
-    c = todo.coefficient
-    if isinstance(last, tuple):
-        return tuple(None if a is None else a + (a - b) * c for a, b in zip(last, before))
-    return last + (last - before) * c
+    return extrapolate(last, before, todo.coefficient)
 
 
 @torch.compiler.disable

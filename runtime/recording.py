@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from runtime.adapters import extrapolate
 from schemas.profile import forecast_pairs
 
 if TYPE_CHECKING:
@@ -133,10 +134,7 @@ class Recorder:
         for pair, (j, k) in enumerate(forecast_pairs(self.lags)):
             a, b = step - j, step - k
             if a in earlier and b in earlier:
-                times = runner.timesteps
-                span = times[a] - times[b]
-                c = (times[step] - times[a]) / span if span else 0.0
-                found.append((pair, earlier[a] + (earlier[a] - earlier[b]) * torch.tensor(c, dtype=torch.float64)))
+                found.append((pair, extrapolate(earlier[a], earlier[b], runner.coefficient(step, a, b))))
         return found
 
     def _record_forecasts(

@@ -96,7 +96,8 @@ class Runner:
         self.layers = layers
         self.null_class = null_class
         self.state = GenerationState()
-        self.timesteps: dict[int, float] = {}  # step -> the timestep its forward got (step index if none)
+        self.timesteps: dict[int, Any] = {}  # step -> the ``timestep`` its forward got, as given
+        self._times: dict[int, float] = {}  # step -> that timestep as a number, once read
         self.trial = False
         self.overrides: dict[int, str] = {}
         self.ffn_overrides: dict[int, str] = {}
@@ -143,13 +144,24 @@ class Runner:
         """``(τ_t − τ_a) / (τ_a − τ_b)`` for a ``forecast`` at ``step`` from the outputs of steps
         ``a`` (``cache.output_step``) and ``b`` (``cache.previous_step``), ``τ`` their timesteps;
         0 (a copy) where the two timesteps are equal. ``None`` without two kept outputs."""
-        a, b = cache.output_step, cache.previous_step
-        times = self.timesteps
-        if cache.previous is None or not {step, a, b} <= times.keys():
+        return None if cache.previous is None else self.coefficient(step, cache.output_step, cache.previous_step)
+
+    def coefficient(self, step: int, a: int, b: int) -> torch.Tensor | None:
+        """``(τ_t − τ_a) / (τ_a − τ_b)`` from the timesteps the forwards of steps ``t``, ``a``, ``b``
+        got, as a 0-dim float64 tensor (0 where ``τ_a = τ_b``); ``None`` if one was not seen. The
+        timesteps are read here, not at each forward, so a plan without forecasts never waits
+        for the device to hand one over."""
+        if not {step, a, b} <= self.timesteps.keys():
             return None
-        span = times[a] - times[b]
-        value = (times[step] - times[a]) / span if span else 0.0
+        t, ta, tb = (self._time(s) for s in (step, a, b))
+        value = (t - ta) / (ta - tb) if ta != tb else 0.0
         return torch.tensor(value, dtype=torch.float64)
+
+    def _time(self, step: int) -> float:
+        """Step ``step``'s timestep as a number, read once per forward."""
+        if step not in self._times:
+            self._times[step] = _time_value(self.timesteps[step], step)
+        return self._times[step]
 
     def ffn_method(self, layer: int) -> str:
         """Feed-forward layer ``layer``'s method at the current step (with this trial's overrides)."""
@@ -343,7 +355,8 @@ class Runner:
                 f"forward {state.step + 1} of the generation; call reset() between generations"
             )
         if not self.trial:
-            self.timesteps[state.step] = _time_value(timestep, state.step)
+            self.timesteps[state.step] = timestep
+            self._times.pop(state.step, None)
         if not self.trial and not state.checked_inputs:
             self.check_inputs(hidden_states, class_labels)
             state.checked_inputs = True
