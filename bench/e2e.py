@@ -15,7 +15,9 @@ Each mix also runs latency-aware: the methods' latencies are measured on this tr
 and device first (``planner.latency``, as ``planner build`` does), every cell whose method
 is not faster than ``full`` there becomes ``full``, and the row shows the predicted time
 fraction and the predicted seconds spent refreshing residuals (``full``/``asc`` steps that
-also run the window for a later ``wars``). Run: ``python -m bench.e2e [--device cuda --layers 28]``.
+also run the window for a later ``wars``). ``--windows`` takes ``--window`` forms as in
+``bench.attention`` (default ``band``: the band of N/8); each window gets its own mixes.
+Run: ``python -m bench.e2e [--device cuda --layers 28] [--windows band,tiles2d:32x32:0]``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
 import runtime
+from bench.attention import windows_for
 from bench.common import device_name, measure, table
 from planner.latency import measure_transformer
 from planner.report import latency_fact
 from schemas import (
+    WindowShape,
     METHODS,
     SCHEMA_VERSION,
     Latency,
@@ -43,6 +47,7 @@ from schemas import (
     method_cost,
     summarize,
     variant_grid,
+    window_name,
     with_latency,
 )
 
@@ -50,7 +55,7 @@ TARGETS = {"D2": 0.74, "D4": 0.52, "D6": 0.37}
 SHARES = {"ast": 0.3, "wars": 0.3, "wars_asc": 0.2, "asc": 0.2}
 
 
-def draw_mix(steps: int, layers: int, target: float, tokens: int, window: int, seed: int) -> list[list[str]]:
+def draw_mix(steps: int, layers: int, target: float, tokens: int, window: WindowShape, seed: int) -> list[list[str]]:
     """A method grid whose expected attention FLOPs fraction is ``target`` (see module doc)."""
     compressed = sum(p * method_cost(m, tokens, window) for m, p in SHARES.items())
 
@@ -88,7 +93,7 @@ def build_model(layers: int, side: int, device: torch.device, dtype: torch.dtype
     return model.to(device=device, dtype=dtype).eval()
 
 
-def make_plan(model: torch.nn.Module, methods: list[list[str]], tokens: int, window: int) -> Plan:
+def make_plan(model: torch.nn.Module, methods: list[list[str]], tokens: int, window: WindowShape) -> Plan:
     return Plan(
         schema_version=SCHEMA_VERSION,
         tool_version="bench",
@@ -134,16 +139,25 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=120)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--kernel", default="auto")
+    parser.add_argument("--windows", default="band", help="comma-separated --window forms (bench.attention)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("float16" if gpu else "float32"))
     layers = args.layers or (28 if gpu else 2)
     steps = args.steps or (20 if gpu else 5)
-    rows = []
+    headers = ["N", "plan", "attn FLOPs kept", "predicted time", "seconds", "speedup", "refresh s (predicted)",
+               "peak mem MiB", "cache MiB", "cache / one layer's activations"]
+    print(f"end to end, {layers} layers x {steps} steps, CFG batch 2 — {device_name(device)}, {dtype}")
+    print(table(headers, []), flush=True)  # then each row as soon as it is measured
+
+    def emit(row: list[str]) -> None:
+        print("| " + " | ".join(row) + " |", flush=True)
+
+    forms = [f.strip() for f in args.windows.split(",") if f.strip()]
+    facts = []
     for tokens in map(int, args.tokens.split(",")):
         side = 2 * int(round(tokens**0.5))  # latent side; patch 2 gives `tokens` tokens
-        window = tokens // 8
         model = build_model(layers, side, device, dtype)
         run = lambda: denoise(model, steps, side, device, dtype, args.text_tokens)  # noqa: E731
         if gpu:
@@ -151,36 +165,35 @@ def main() -> None:
         raw = measure(run, device, args.reps)
         raw_peak = torch.cuda.max_memory_allocated(device) if gpu else 0
         activation = 2 * tokens * 1152 * torch.finfo(dtype).bits // 8
-        rows.append([str(tokens), "raw", "100.0%", "-", f"{raw:.2f}", "1.00x", "-", _mib(raw_peak), "0", "-"])
-        latency = measure_latency(model, tokens, window, side, device, dtype, args)
-        for name, target in TARGETS.items():
-            methods = draw_mix(steps, layers, target, tokens, window, seed=tokens)
-            allowed = set(faster_than_full(latency, tuple(m for m in METHODS if m != "full")))
-            aware = [[m if m == "full" or m in allowed else "full" for m in row] for row in methods]
-            for label, grid in ((f"{name}-like", methods), (f"{name}-like, latency-aware", aware)):
-                plan = with_latency(make_plan(model, grid, tokens, window), latency)
-                if gpu:
-                    torch.cuda.reset_peak_memory_stats(device)
-                with runtime.apply(plan, model, kernel=args.kernel) as handle:
-                    timed = measure(lambda: (handle.reset(), run()), device, args.reps)
-                peak = torch.cuda.max_memory_allocated(device) if gpu else 0
-                cache = handle.stats().peak_cache_bytes
-                rows.append([
-                    str(tokens), label, f"{plan.summary.attention_flops_fraction:.1%}",
-                    f"{plan.summary.time_fraction:.2f}", f"{timed:.2f}", f"{raw / timed:.2f}x",
-                    f"{refresh_seconds(grid, latency):.3f}", _mib(peak), _mib(cache), f"{cache / activation:.1f}",
-                ])  # fmt: skip
-        print(f"latencies at {tokens} tokens: {latency_fact(latency)}")
+        emit([str(tokens), "raw", "100.0%", "-", f"{raw:.2f}", "1.00x", "-", _mib(raw_peak), "0", "-"])
+        for window in windows_for(tokens, forms, 1 / 8):
+            latency = measure_latency(model, tokens, window, side, device, dtype, args)
+            for name, target in TARGETS.items():
+                methods = draw_mix(steps, layers, target, tokens, window, seed=tokens)
+                allowed = set(faster_than_full(latency, tuple(m for m in METHODS if m != "full")))
+                aware = [[m if m == "full" or m in allowed else "full" for m in row] for row in methods]
+                variants = [(f"{name}-like", methods), (f"{name}-like, latency-aware", aware)]
+                if aware == methods:  # every method is faster than full here: one grid, timed once
+                    variants = [(f"{name}-like (= latency-aware)", methods)]
+                for label, grid in variants:
+                    plan = with_latency(make_plan(model, grid, tokens, window), latency)
+                    if gpu:
+                        torch.cuda.reset_peak_memory_stats(device)
+                    with runtime.apply(plan, model, kernel=args.kernel) as handle:
+                        timed = measure(lambda: (handle.reset(), run()), device, args.reps)
+                    peak = torch.cuda.max_memory_allocated(device) if gpu else 0
+                    cache = handle.stats().peak_cache_bytes
+                    emit([
+                        str(tokens), f"{window_name(window)} {label}", f"{plan.summary.attention_flops_fraction:.1%}",
+                        f"{plan.summary.time_fraction:.2f}", f"{timed:.2f}", f"{raw / timed:.2f}x",
+                        f"{refresh_seconds(grid, latency):.3f}", _mib(peak), _mib(cache), f"{cache / activation:.1f}",
+                    ])  # fmt: skip
+            facts.append(f"latencies at {tokens} tokens, {window_name(window)}: {latency_fact(latency)}")
         del model
-    print(f"end to end, {layers} layers x {steps} steps, CFG batch 2 — {device_name(device)}, {dtype}")
-    print(table(
-        ["N", "plan", "attn FLOPs kept", "predicted time", "seconds", "speedup", "refresh s (predicted)",
-         "peak mem MiB", "cache MiB", "cache / one layer's activations"],
-        rows,
-    ))  # fmt: skip
+    print("\n".join(["", *facts]))
 
 
-def measure_latency(model, tokens: int, window: int, side: int, device, dtype, args) -> Latency:
+def measure_latency(model, tokens: int, window: WindowShape, side: int, device, dtype, args) -> Latency:
     """Each method's seconds per layer-step on this model and device, at one denoising call."""
     latents, kwargs = inputs(side, device, dtype, args.text_tokens)
     batch = torch.cat([latents, latents])

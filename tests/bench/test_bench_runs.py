@@ -35,11 +35,24 @@ def test_attention_bench_prints_both_refreshes_per_window():
     assert "refresh" not in run("bench.attention", "--tokens", "128", "--reps", "1")
 
 
-def test_e2e_bench_prints_raw_and_three_plans():
-    text = run("bench.e2e", "--tokens", "64", "--steps", "3", "--layers", "1", "--text-tokens", "4")
-    assert "| 64 | raw |" in text
-    for level in ("D2", "D4", "D6"):
-        assert f"| 64 | {level}-like |" in text
+def test_e2e_bench_prints_raw_and_three_plans_per_window():
+    text = run(
+        "bench.e2e", "--tokens", "64", "--steps", "3", "--layers", "1", "--text-tokens", "4",
+        "--windows", "band,tiles2d:4x4:0",
+    )  # fmt: skip
+    assert text.count("| 64 | raw |") == 1
+    for window in ("band:8", "tiles2d:4x4:0"):
+        for level in ("D2", "D4", "D6"):
+            assert re.search(rf"\| 64 \| {window} {level}-like( \(= latency-aware\))? \|", text), text
+        assert f"latencies at 64 tokens, {window}:" in text
+
+
+def test_exactness_bench_finds_every_kernel_exact_in_float32():
+    text = run("bench.exactness", "--tokens", "256", "--windows", "auto")
+    errors = re.findall(r"\| 256 \| (\S+) \| ([a-z :]+) \| ([0-9.e+-]+|nan) \|", text)
+    assert {w for w, _, _ in errors} >= {"band:32", "tiles1d:64:0", "tiles2d:8x8:0"}, text
+    assert len(errors) == 3 * len({w for w, _, _ in errors})
+    assert all(float(e) < 1e-5 for *_, e in errors), text
 
 
 @pytest.mark.parametrize("target", [0.74, 0.52, 0.37])
