@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -367,7 +368,11 @@ class CompiledBlocks:
         self.blocks = repeated_blocks(model)
         self.previous = [vars(block).get("_compiled_call_impl") for block in self.blocks]
         limit = max(torch._dynamo.config.recompile_limit, 2 * graphs)
-        options = {"dynamic": False, "recompile_limit": limit, **options}
+        if "recompile_limit" in inspect.signature(torch.compile).parameters:
+            options = {"dynamic": False, "recompile_limit": limit, **options}
+        else:  # older torch: only the global limit, raised for these blocks' variants
+            torch._dynamo.config.recompile_limit = limit
+            options = {"dynamic": False, **options}
         self.hooks: list[Any] = []
         try:
             if getattr(model, "_repeated_blocks", None):

@@ -63,7 +63,7 @@ class FastAttnProcessor:
 
 # Devices where a refresh runs as one merged pass (``runtime/merge.py``: the window and its
 # complement, merged by log-sum-exp) rather than full attention plus the window: where it was
-# measured faster (``python -m bench.attention --refresh``); its CUDA path is not yet measured.
+# measured faster (``python -m bench.attention --refresh``; on an H200 it was 1.9-8x slower).
 MERGED_REFRESH = ("cpu",)
 
 

@@ -75,3 +75,14 @@ def test_compiled_plan_has_one_graph_per_layer_step_variant_and_no_recompile_in_
     assert int(found.group(3)) == 0
     assert float(worst.group(1)) < 1e-4 * float(worst.group(2))
     assert re.search(r"\| plan \| [0-9.]+ \| [0-9.]+ \|", text), text
+
+
+def test_trace_bench_summarises_raw_and_each_window():
+    text = run(
+        "bench.trace", "--tokens", "64", "--layers", "1", "--steps", "2", "--text-tokens", "4",
+        "--windows", "band,tiles2d:4x4:0", "--top", "3",
+    )  # fmt: skip
+    for label in ("raw", "band:8 D6-like", "tiles2d:4x4:0 D6-like"):
+        found = re.search(rf"\| {re.escape(label)} \| ([0-9.]+) \| ([0-9.]+) \| [0-9]+% \| ([0-9]+) \|", text)
+        assert found and float(found[1]) > 0 and int(found[3]) > 0, text
+        assert f"\n{label}: top operators by own CPU time" in text
