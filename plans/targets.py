@@ -7,10 +7,13 @@ FLOPs). "Executed" counts, as the runtime does, the window attention of the step
 refresh a ``wars`` residual on top of the plan's own figure. For each target the profile
 compiler gives three plans, with step weights to the power 1, ½ and without them: each the
 plan of the largest δ (on the compiler's 0.001 grid) whose figure is at most the target.
-All three generate the calibration prompts (seeds 0, 1, …, as ``bench/peers.py``), and
-the one closest to the raw images (PSNR) is written. The profile uses the model's defaults
-(its calibration prompts, steps, window auto, seed 0) on the CPU in float32, without
-latencies.
+Beside them stand the uniform schedules of ``planner/schedules.py`` at the same target
+(FORA- and TaylorSeer-like: every layer computed on a set of steps, ``ast`` or ``forecast``
+between; with the feed-forward layers too for ``f40``), so that a shipped plan never loses
+to one of them on the calibration prompts. All candidates generate the calibration prompts
+(seeds 0, 1, …, as ``bench/peers.py``), and the one closest to the raw images (PSNR) is
+written. The profile uses the model's defaults (its calibration prompts, steps, window
+auto, seed 0) on the CPU in float32, without latencies.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from planner.evaluate import EvalInputs, call_kwargs, match_scheduler
 from planner.loading import load_pipeline
 from planner.output import write_plan
 from planner.registry import resolve_model
+from planner.schedules import uniform_plans
 from schemas import Plan, layer_weight, method_cost, plan_layers
 from schemas.latency import refreshed_cells
 
@@ -101,9 +105,10 @@ def main() -> None:
         targets += [(name, target, "transformer", True) for name, target in TRANSFORMER_TARGETS.items()]
         for name, target, figure, ffn in targets:
             compilers = [Compiler(profile, weighted=p is not None, ffn=ffn, power=p or 0.0) for p in POWERS]
-            options = [plan_at(c, target, figure) for c in compilers]
-            if None in options:
-                print(f"plans/{model}/{name}.json  not written: no δ keeps {figure} FLOPs at most {target}", flush=True)
+            options = [p for p in (plan_at(c, target, figure) for c in compilers) if p is not None]
+            options += uniform_plans(profile, target, FIGURES[figure], ffn=ffn)
+            if not options:
+                print(f"plans/{model}/{name}.json  not written: no plan keeps {figure} FLOPs at most {target}", flush=True)
                 continue
             plan, scores = closest_to_raw(pipe, model, options)
             write_plan(plan, ROOT / "plans" / model / f"{name}.json")

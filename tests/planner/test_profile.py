@@ -17,6 +17,7 @@ from planner.build import build_plan
 from planner.compile import RESOLUTION, STEP_WEIGHT_POWER, Compiler, Predictor, compile_plan, compile_plans, load_profile
 from planner.errors import PlannerError
 from planner.profile import profile_model, write_profile
+from planner.schedules import uniform_plan
 from runtime import load_plan
 from schemas import PlanError, ProfileError, decode_plan, encode_plan, forecast_pairs, summarize
 from tests.planner.pipelines import fresh_generation, request
@@ -310,6 +311,16 @@ def test_build_from_profile_with_ffn_and_step_weights(profile_file, tmp_path):
     assert refused.exit_code == 2
     assert "objective: feed-forward reuse is compiled for --objective transformer" in one_error_line(refused)
     assert not (tmp_path / "no.json").exists()
+
+
+def test_uniform_schedule_with_feed_forward_reuse_skips_whole_steps(profile_file):
+    profile = load_profile(profile_file)
+    plan = uniform_plan(profile, 2, 2, "forecast", ffn=True)  # 4 steps: computed 0, 1, 3
+    width = len(profile.measurements.ffn_reuse[0])
+    assert plan.ffn == [["compute"] * width] * 2 + [["forecast"] * width] + [["compute"] * width]
+    assert decode_plan(encode_plan(plan)) == plan
+    assert plan.summary.transformer_flops_fraction < 1.0
+    assert plan.summary.ffn_flops_fraction == pytest.approx(3 / 4)
 
 
 def test_sweep_writes_one_plan_per_delta_and_tabulates_them(profile_file, tmp_path):
