@@ -11,9 +11,11 @@ Beside them stand the uniform schedules of ``planner/schedules.py`` at the same 
 (FORA- and TaylorSeer-like: every layer computed on a set of steps, ``ast`` or ``forecast``
 between; with the feed-forward layers too for ``f40``), so that a shipped plan never loses
 to one of them on the calibration prompts. All candidates generate the calibration prompts
-(seeds 0, 1, …, as ``bench/peers.py``), and the one closest to the raw images (PSNR) is
-written. The profile uses the model's defaults (its calibration prompts, steps, window
-auto, seed 0) on the CPU in float32, without latencies.
+(seeds 0, 1, …, as ``bench/peers.py``); the one closest to the raw images (PSNR) is refined
+on that PSNR (``planner/refine.py``: cost-neutral moves of computed steps, at most
+``--evals`` scores, the figure kept under the target) and written; ``--refine-only``
+refines the plans already written. The profile uses the model's defaults (its calibration
+prompts, steps, window auto, seed 0) on the CPU in float32, without latencies.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +32,14 @@ import numpy as np
 import torch
 
 import runtime
+from runtime import load_plan
 from planner import yardstick
 from planner.compile import RESOLUTION, Compiler, load_profile
 from planner.embedded import EMBEDDED_MODELS
 from planner.evaluate import EvalInputs, call_kwargs, match_scheduler
 from planner.loading import load_pipeline
 from planner.output import write_plan
+from planner.refine import refine
 from planner.registry import resolve_model
 from planner.schedules import uniform_plans
 from schemas import Plan, layer_weight, method_cost, plan_layers
@@ -73,36 +78,62 @@ def plan_at(compiler: Compiler, target: float, figure: str) -> Plan | None:
     return None
 
 
-def closest_to_raw(pipe: Any, model: str, plans: list[Plan]) -> tuple[Plan, list[float]]:
-    """Of ``plans``, the one whose calibration images are closest to raw, and each one's PSNR."""
+def calibration_score(pipe: Any, model: str, like: Plan) -> Callable[[Plan], float]:
+    """A plan's PSNR against raw on the calibration prompts (the raw images made once)."""
     spec, facts = resolve_model(model), EMBEDDED_MODELS[model]
     inputs = EvalInputs(facts.calibration_prompts, facts.calibration_digits, tuple(range(len(facts.calibration_prompts))))
-    match_scheduler(pipe, plans[0])
+    match_scheduler(pipe, like)
 
     def images() -> np.ndarray:
-        return np.asarray(pipe(**call_kwargs(spec, plans[0], inputs, slice(0, len(inputs)))).images, dtype=np.float64)
+        return np.asarray(pipe(**call_kwargs(spec, like, inputs, slice(0, len(inputs)))).images, dtype=np.float64)
 
-    raw, scores = images(), []
-    for plan in plans:
+    raw = images()
+
+    def score(plan: Plan) -> float:
         with runtime.apply(plan, pipe):
-            scores.append(float(yardstick.psnr(raw, images())))
+            return float(yardstick.psnr(raw, images()))
+
+    return score
+
+
+def closest_to_raw(score: Callable[[Plan], float], plans: list[Plan]) -> tuple[Plan, list[float]]:
+    """Of ``plans``, the one whose calibration images are closest to raw, and each one's PSNR."""
+    scores = [score(plan) for plan in plans]
     return plans[int(np.argmax(scores))], scores
+
+
+def refined(score: Callable[[Plan], float], plan: Plan, target: float, figure: str, evals: int) -> Plan:
+    """``plan`` refined on the calibration PSNR (``planner/refine.py``), its figure kept under ``target``."""
+    result = refine(plan, score, fits=lambda p: FIGURES[figure](p) <= target, max_evals=evals)
+    print(f"    refined: {result.start:.2f} → {result.score:.2f} dB, {result.kept} moves kept of "
+          f"{result.evals} scored", flush=True)
+    return result.plan
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
+    parser.add_argument("--evals", type=int, default=40, help="calibration scores the refinement may spend per plan")
+    parser.add_argument("--refine-only", action="store_true", help="refine the plans already in plans/MODEL/")
     args = parser.parse_args()
     planner = [sys.executable, "-m", "cli"]
+    targets = [(name, target, "attention", False) for name, target in ATTENTION_TARGETS.items()]
+    targets += [(name, target, "transformer", True) for name, target in TRANSFORMER_TARGETS.items()]
     for model in args.models:
+        pipe = load_pipeline(resolve_model(model), torch.device("cpu"), torch.float32)
+        if args.refine_only:
+            for name, target, figure, _ in targets:
+                path = ROOT / "plans" / model / f"{name}.json"
+                if path.exists():
+                    print(f"plans/{model}/{name}.json", flush=True)
+                    plan = load_plan(path)
+                    write_plan(refined(calibration_score(pipe, model, plan), plan, target, figure, args.evals), path)
+            continue
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{model}.profile"
             subprocess.run([*planner, "profile", "--model", model, "-o", str(path), "--device", "cpu",
                             "--dtype", "float32", "--no-latency", "--quiet"], check=True, cwd=ROOT)  # fmt: skip
             profile = load_profile(path)
-        pipe = load_pipeline(resolve_model(model), torch.device("cpu"), torch.float32)
-        targets = [(name, target, "attention", False) for name, target in ATTENTION_TARGETS.items()]
-        targets += [(name, target, "transformer", True) for name, target in TRANSFORMER_TARGETS.items()]
         for name, target, figure, ffn in targets:
             compilers = [Compiler(profile, weighted=p is not None, ffn=ffn, power=p or 0.0) for p in POWERS]
             options = [p for p in (plan_at(c, target, figure) for c in compilers) if p is not None]
@@ -110,11 +141,12 @@ def main() -> None:
             if not options:
                 print(f"plans/{model}/{name}.json  not written: no plan keeps {figure} FLOPs at most {target}", flush=True)
                 continue
-            plan, scores = closest_to_raw(pipe, model, options)
-            write_plan(plan, ROOT / "plans" / model / f"{name}.json")
+            score = calibration_score(pipe, model, options[0])
+            plan, scores = closest_to_raw(score, options)
             tried = ", ".join(f"{o.calibration.search} {s:.2f} dB" for o, s in zip(options, scores))
             print(f"plans/{model}/{name}.json  δ {plan.calibration.delta}, {figure} {FIGURES[figure](plan):.3f}; "
                   f"calibration PSNR: {tried}", flush=True)  # fmt: skip
+            write_plan(refined(score, plan, target, figure, args.evals), ROOT / "plans" / model / f"{name}.json")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_target_plans_keep_their_share_and_fit_their_model(name: str, target: st
     plan = runtime.load_plan(PLANS / name / f"{target}.json")
     model = embedded_model(name)
     assert plan.calibration.prompts_hash == inputs_hash(list(model.calibration_prompts))
-    assert plan.calibration.search.startswith("profile")
+    assert plan.calibration.search.startswith(("profile", "uniform"))  # the compiled plans or a uniform schedule
     figure = plan.summary.transformer_flops_fraction if target == "f40" else plan.summary.attention_flops_fraction
     assert TARGETS[target] - 0.1 < figure <= TARGETS[target]  # a25-a45: executed, refreshes included, at most the target
     assert (plan.ffn is not None) == (target == "f40")

@@ -1,0 +1,103 @@
+"""Refine a plan against its final images: cost-neutral moves, kept when the score improves.
+
+The compiler predicts a plan's error from per-step, per-layer losses; the final image can
+disagree. ``refine`` takes a plan and a ``score`` (higher is better: e.g. the PSNR of the
+calibration images against raw) and tries moves that leave every layer's methods the
+same multiset, so the plan's attention FLOPs do not change: two neighbouring steps of one
+layer trade methods, or two neighbouring steps trade whole rows (a computation moves one
+step earlier or later). A move is kept when the plan stays valid (``schemas.check_plan``),
+``fits`` (e.g. the attention it executes with its residual refreshes stays under a
+target) and scores more than ``min_gain`` above the best so far. Sweeps repeat until one
+keeps nothing or ``max_evals`` scores are spent. The refined plan drops the compiler's
+predicted ``losses`` (they were for the old grid) and adds ``+refined`` to its search name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from schemas import Plan, PlanError, summarize
+from schemas.plan import check_plan, with_figures
+
+
+@dataclass(frozen=True)
+class Refined:
+    """The refined plan, its score, the starting score, the moves kept and the scores spent."""
+
+    plan: Plan
+    score: float
+    start: float
+    kept: int
+    evals: int
+
+
+def with_methods(plan: Plan, methods: list[list[str]]) -> Plan:
+    """``plan`` with another method grid, its summary and figures derived again."""
+    summary = summarize(methods, plan.tokens.num_tokens, plan.window, plan.layers)
+    plan = msgspec.structs.replace(plan, methods=methods, losses=None, summary=summary)
+    return with_figures(plan)
+
+
+Move = tuple[int, int | None]  # (step t, layer i): steps t and t + 1 trade layer i's methods, or whole rows (None)
+
+
+def positions(steps: int, layers: int) -> list[Move]:
+    """Every move: adjacent rows (never row 0), then adjacent cells of each layer."""
+    rows: list[Move] = [(t, None) for t in range(1, steps - 1)]
+    return rows + [(t, i) for i in range(layers) for t in range(1, steps - 1)]
+
+
+def moved(methods: list[list[str]], move: Move) -> list[list[str]] | None:
+    """``methods`` with ``move`` made; ``None`` where it changes nothing."""
+    t, i = move
+    if (methods[t] if i is None else methods[t][i]) == (methods[t + 1] if i is None else methods[t + 1][i]):
+        return None
+    grid = [list(row) for row in methods]
+    if i is None:
+        grid[t], grid[t + 1] = grid[t + 1], grid[t]
+    else:
+        grid[t][i], grid[t + 1][i] = grid[t + 1][i], grid[t][i]
+    return grid
+
+
+def refine(
+    plan: Plan,
+    score: Callable[[Plan], float],
+    *,
+    fits: Callable[[Plan], bool] = lambda plan: True,
+    max_evals: int = 200,
+    min_gain: float = 0.05,
+    progress: Callable[[int, float], None] | None = None,
+) -> Refined:
+    """Hill-climb ``plan`` on ``score`` (see the module docstring): the moves are tried in
+    turn, round and round, each on the best grid so far, until a whole round keeps none or
+    ``max_evals`` scores are spent; ``progress(evals, best)`` follows each score."""
+    best, best_score = plan, score(plan)
+    start, kept, evals = best_score, 0, 1
+    order = positions(len(plan.methods), len(plan.methods[0]))
+    since_kept, k = 0, 0
+    while since_kept < len(order) and evals < max_evals:
+        move, k, since_kept = order[k], (k + 1) % len(order), since_kept + 1
+        grid = moved(best.methods, move)
+        if grid is None:
+            continue
+        candidate = with_methods(best, grid)
+        try:
+            check_plan(candidate)
+        except PlanError:
+            continue
+        if not fits(candidate):
+            continue
+        value = score(candidate)
+        evals += 1
+        if progress is not None:
+            progress(evals, max(best_score, value))
+        if value > best_score + min_gain:
+            best, best_score, kept, since_kept = candidate, value, kept + 1, 0
+    if kept and best.calibration is not None:
+        calibration = msgspec.structs.replace(best.calibration, search=f"{best.calibration.search}+refined")
+        best = msgspec.structs.replace(best, calibration=calibration)
+    return Refined(best, best_score, start, kept, evals)
