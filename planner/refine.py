@@ -14,12 +14,21 @@ predicted ``losses`` (they were for the old grid) and adds ``+refined`` to its s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
+import numpy as np
 
-from schemas import Plan, PlanError, summarize
+import runtime
+from planner import yardstick
+from planner.calibration import inputs_hash
+from planner.errors import bad_input
+from planner.evaluate import EvalInputs, call_kwargs, match_scheduler
+from planner.registry import ModelSpec
+from schemas import Plan, PlanError, layer_weight, method_cost, plan_layers, summarize
+from schemas.latency import refreshed_cells
 from schemas.plan import check_plan, with_figures
 
 
@@ -32,6 +41,53 @@ class Refined:
     start: float
     kept: int
     evals: int
+
+
+def executed_attention(plan: Plan) -> float:
+    """The plan's attention FLOPs fraction plus the windows its residual refreshes run
+    (half a window at an ``asc`` step), as ``RunStats`` counts them."""
+    layers = plan_layers(plan)
+    weights = [layer_weight(x) for x in layers]
+    refresh = sum(
+        weights[i] * (0.5 if plan.methods[t][i] == "asc" else 1.0)
+        * method_cost("wars", layers[i].num_tokens, layers[i].window, layers[i].text_tokens)
+        for t, i in refreshed_cells(plan.methods)
+    )  # fmt: skip
+    return plan.summary.attention_flops_fraction + refresh / (sum(weights) * len(plan.methods))
+
+
+def no_dearer(start: Plan) -> Callable[[Plan], bool]:
+    """Whether a plan executes no more attention, nor transformer FLOPs, than ``start``."""
+    attention, transformer = executed_attention(start), start.summary.transformer_flops_fraction
+
+    def fits(plan: Plan) -> bool:
+        if executed_attention(plan) > attention + 1e-12:
+            return False
+        return transformer is None or plan.summary.transformer_flops_fraction <= transformer + 1e-12
+
+    return fits
+
+
+def calibration_score(pipe: Any, spec: ModelSpec, like: Plan, prompts: Sequence[Any]) -> Callable[[Plan], float]:
+    """A plan's PSNR against raw over ``prompts`` with seeds ``calibration.seed + i``, as
+    ``like`` samples (steps, guidance, size); the raw images are made once, here. The
+    prompts must be the plan's calibration prompts (its ``prompts_hash``)."""
+    c = like.calibration
+    if c is None or c.prompts_hash != inputs_hash(list(prompts)):
+        raise bad_input("prompts: not the plan's calibration prompts ($.calibration.prompts_hash); pass them")
+    inputs = EvalInputs(tuple(prompts), None, tuple(c.seed + i for i in range(len(prompts))))
+    match_scheduler(pipe, like)
+
+    def images() -> np.ndarray:
+        return np.asarray(pipe(**call_kwargs(spec, like, inputs, slice(0, len(inputs)))).images, dtype=np.float64)
+
+    raw = images()
+
+    def score(plan: Plan) -> float:
+        with runtime.apply(plan, pipe):
+            return float(yardstick.psnr(raw, images()))
+
+    return score
 
 
 def with_methods(plan: Plan, methods: list[list[str]]) -> Plan:

@@ -26,24 +26,19 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-import runtime
-from runtime import load_plan
-from planner import yardstick
 from planner.compile import RESOLUTION, Compiler, load_profile
 from planner.embedded import EMBEDDED_MODELS
-from planner.evaluate import EvalInputs, call_kwargs, match_scheduler
 from planner.loading import load_pipeline
 from planner.output import write_plan
-from planner.refine import refine
+from planner.refine import calibration_score, executed_attention, refine
 from planner.registry import resolve_model
 from planner.schedules import uniform_plans
-from schemas import Plan, layer_weight, method_cost, plan_layers
-from schemas.latency import refreshed_cells
+from runtime import load_plan
+from schemas import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTENTION_TARGETS = {"a25": 0.25, "a35": 0.35, "a45": 0.45}
@@ -51,19 +46,6 @@ TRANSFORMER_TARGETS = {"f40": 0.40}
 
 
 POWERS = (1.0, 0.5, None)  # step weights to this power; None: without
-
-
-def executed_attention(plan: Plan) -> float:
-    """The plan's attention FLOPs fraction plus the windows its residual refreshes run
-    (half a window at an ``asc`` step), as ``RunStats`` counts them."""
-    layers = plan_layers(plan)
-    weights = [layer_weight(x) for x in layers]
-    refresh = sum(
-        weights[i] * (0.5 if plan.methods[t][i] == "asc" else 1.0)
-        * method_cost("wars", layers[i].num_tokens, layers[i].window, layers[i].text_tokens)
-        for t, i in refreshed_cells(plan.methods)
-    )  # fmt: skip
-    return plan.summary.attention_flops_fraction + refresh / (sum(weights) * len(plan.methods))
 
 
 FIGURES = {"attention": executed_attention, "transformer": lambda plan: plan.summary.transformer_flops_fraction}
@@ -76,24 +58,6 @@ def plan_at(compiler: Compiler, target: float, figure: str) -> Plan | None:
         if FIGURES[figure](plan) <= target:
             return plan
     return None
-
-
-def calibration_score(pipe: Any, model: str, like: Plan) -> Callable[[Plan], float]:
-    """A plan's PSNR against raw on the calibration prompts (the raw images made once)."""
-    spec, facts = resolve_model(model), EMBEDDED_MODELS[model]
-    inputs = EvalInputs(facts.calibration_prompts, facts.calibration_digits, tuple(range(len(facts.calibration_prompts))))
-    match_scheduler(pipe, like)
-
-    def images() -> np.ndarray:
-        return np.asarray(pipe(**call_kwargs(spec, like, inputs, slice(0, len(inputs)))).images, dtype=np.float64)
-
-    raw = images()
-
-    def score(plan: Plan) -> float:
-        with runtime.apply(plan, pipe):
-            return float(yardstick.psnr(raw, images()))
-
-    return score
 
 
 def closest_to_raw(score: Callable[[Plan], float], plans: list[Plan]) -> tuple[Plan, list[float]]:
@@ -127,7 +91,7 @@ def main() -> None:
                 if path.exists():
                     print(f"plans/{model}/{name}.json", flush=True)
                     plan = load_plan(path)
-                    write_plan(refined(calibration_score(pipe, model, plan), plan, target, figure, args.evals), path)
+                    write_plan(refined(calibration_score(pipe, resolve_model(model), plan, EMBEDDED_MODELS[model].calibration_prompts), plan, target, figure, args.evals), path)
             continue
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{model}.profile"
@@ -141,7 +105,7 @@ def main() -> None:
             if not options:
                 print(f"plans/{model}/{name}.json  not written: no plan keeps {figure} FLOPs at most {target}", flush=True)
                 continue
-            score = calibration_score(pipe, model, options[0])
+            score = calibration_score(pipe, resolve_model(model), options[0], EMBEDDED_MODELS[model].calibration_prompts)
             plan, scores = closest_to_raw(score, options)
             tried = ", ".join(f"{o.calibration.search} {s:.2f} dB" for o, s in zip(options, scores))
             print(f"plans/{model}/{name}.json  δ {plan.calibration.delta}, {figure} {FIGURES[figure](plan):.3f}; "

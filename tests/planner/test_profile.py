@@ -323,6 +323,26 @@ def test_uniform_schedule_with_feed_forward_reuse_skips_whole_steps(profile_file
     assert plan.summary.ffn_flops_fraction == pytest.approx(3 / 4)
 
 
+def test_refine_keeps_the_cost_and_writes_a_valid_plan(profile_file, folders, tmp_path):
+    start = uniform_plan(load_profile(profile_file), 2, 2, "forecast")  # computed 0, 1, 3 of 4 steps
+    source, output = tmp_path / "plan.json", tmp_path / "refined.json"
+    source.write_bytes(encode_plan(start))
+    result = invoke("refine", source, "-o", output, "--model", folders["pixart-sigma"], "--evals", "4", "--quiet")
+    assert result.exit_code == 0, result.output
+    refined = load_plan(output)
+    assert [sorted(c) for c in zip(*refined.methods)] == [sorted(c) for c in zip(*start.methods)]  # same per layer
+    assert refined.summary.attention_flops_fraction == start.summary.attention_flops_fraction
+    assert "PSNR against raw on 2 calibration prompts" in result.stdout and "attention executed 75.0%" in result.stdout
+    prompts = tmp_path / "other.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    wrong = invoke("refine", source, "-o", tmp_path / "no.json", "--model", folders["pixart-sigma"],
+                   "--prompts", prompts)  # fmt: skip
+    assert wrong.exit_code == 2 and "prompts: not the plan's calibration prompts" in one_error_line(wrong)
+    assert not (tmp_path / "no.json").exists()
+    same = invoke("refine", source, "-o", source, "--model", folders["pixart-sigma"])
+    assert same.exit_code == 2 and "is the plan input" in one_error_line(same)
+
+
 def test_sweep_writes_one_plan_per_delta_and_tabulates_them(profile_file, tmp_path):
     result = invoke("sweep", "--from-profile", profile_file, "--deltas", "0.99,0.9", "-o", tmp_path)
     assert result.exit_code == 0, result.output
