@@ -29,7 +29,7 @@ from planner.evaluate import EvalInputs, call_kwargs, match_scheduler
 from planner.registry import ModelSpec
 from schemas import Plan, PlanError, layer_weight, method_cost, plan_layers, summarize
 from schemas.latency import refreshed_cells
-from schemas.plan import check_plan, with_figures
+from schemas.plan import check_plan, with_figures, with_latency
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,10 @@ def calibration_score(pipe: Any, spec: ModelSpec, like: Plan, prompts: Sequence[
 
 
 def with_methods(plan: Plan, methods: list[list[str]]) -> Plan:
-    """``plan`` with another method grid, its summary and figures derived again."""
+    """``plan`` with another method grid, its summary, figures and predicted time derived again."""
     summary = summarize(methods, plan.tokens.num_tokens, plan.window, plan.layers)
     plan = msgspec.structs.replace(plan, methods=methods, losses=None, summary=summary)
-    return with_figures(plan)
+    return with_latency(with_figures(plan), plan.latency)
 
 
 Move = tuple[int, int | None]  # (step t, layer i): steps t and t + 1 trade layer i's methods, or whole rows (None)

@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterable
 import msgspec
 
 from planner.compile import tool_version
+from planner.refine import with_methods
 from schemas import Plan, Profile
-from schemas.profile import ffn_width, header_plan, profile_calibration
+from schemas.profile import header_plan, profile_calibration
 
 REUSES = {"ast": "reuse", "forecast": "forecast"}  # attention method → feed-forward method
-WARMUPS = (1, 2, 3)
+WARMUPS = (1, 2, 3, 4, 5)
 MAX_INTERVAL = 12
 
 
@@ -31,27 +32,38 @@ def computed_steps(steps: int, interval: int, warmup: int) -> list[bool]:
     return [t < warmup or (t - warmup + 1) % interval == 0 for t in range(steps)]
 
 
-def uniform_plan(profile: Profile, interval: int, warmup: int, reuse: str, *, ffn: bool = False) -> Plan:
-    """The plan that computes every layer at ``computed_steps`` and runs ``reuse`` between."""
+def base_plan(profile: Profile) -> Plan:
+    """An all-``full`` plan with ``profile``'s header facts, to build uniform plans from."""
+    plan = header_plan(profile)
+    return msgspec.structs.replace(
+        plan, tool_version=tool_version(), calibration=profile_calibration(profile, 1.0, "profile")
+    )
+
+
+def uniform_plan(base: Plan, interval: int, warmup: int, reuse: str, *, ffn: bool = False) -> Plan:
+    """The plan that computes every layer at ``computed_steps`` and runs ``reuse`` between;
+    ``base`` (any plan of the model and sampling, e.g. ``base_plan(profile)``) gives the
+    header facts and the feed-forward layers (``$.costs.ffn``)."""
     if reuse not in REUSES:
         raise ValueError(f"reuse: expected one of {sorted(REUSES)}, not {reuse!r}")
     if reuse == "forecast" and warmup < 2:
         raise ValueError("warmup: a forecast needs two computed steps before it (warmup >= 2)")
-    computed = computed_steps(profile.sampling.num_steps, interval, warmup)
-    layers, width = profile.model.num_layers, ffn_width(profile) if ffn else None
-    if ffn and width is None:
-        raise ValueError("ffn: the profile measured no feed-forward layers")
-    methods = [["full" if c else reuse] * layers for c in computed]
+    if base.calibration is None:
+        raise ValueError("base: the plan records no calibration")
+    computed = computed_steps(base.sampling.num_steps, interval, warmup)
+    width = len(base.costs.ffn) if ffn and base.costs is not None else 0
+    if ffn and not width:
+        raise ValueError("ffn: the plan counts no feed-forward layers ($.costs.ffn)")
+    methods = [["full" if c else reuse] * base.model.num_layers for c in computed]
     grid = [["compute" if c else REUSES[reuse]] * width for c in computed] if width else None
     search = f"uniform-{reuse}-every-{interval}-after-{warmup}" + ("-ffn" if width else "")
-    plan = header_plan(profile, methods, grid)
-    return msgspec.structs.replace(
-        plan, tool_version=tool_version(), calibration=profile_calibration(profile, 1.0, search)
-    )
+    calibration = msgspec.structs.replace(base.calibration, delta=1.0, search=search)
+    plan = msgspec.structs.replace(base, ffn=grid, calibration=calibration)
+    return with_methods(plan, methods)
 
 
 def uniform_plans(
-    profile: Profile, target: float, figure: Callable[[Plan], float], *, ffn: bool = False,
+    base: Plan, target: float, figure: Callable[[Plan], float], *, ffn: bool = False,
     reuses: Iterable[str] = ("ast", "forecast"),
 ) -> list[Plan]:
     """Per reuse method and warm-up, the uniform plan of the smallest interval whose
@@ -62,7 +74,7 @@ def uniform_plans(
             if reuse == "forecast" and warmup < 2:
                 continue
             for interval in range(2, MAX_INTERVAL + 1):
-                plan = uniform_plan(profile, interval, warmup, reuse, ffn=ffn)
+                plan = uniform_plan(base, interval, warmup, reuse, ffn=ffn)
                 if figure(plan) <= target:
                     found.append(plan)
                     break

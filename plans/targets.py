@@ -14,7 +14,8 @@ to one of them on the calibration prompts. All candidates generate the calibrati
 (seeds 0, 1, …, as ``bench/peers.py``); the one closest to the raw images (PSNR) is refined
 on that PSNR (``planner/refine.py``: cost-neutral moves of computed steps, at most
 ``--evals`` scores, the figure kept under the target) and written; ``--refine-only``
-refines the plans already written. The profile uses the model's defaults (its calibration
+weighs the plans already written against the uniform schedules again (no profile needed)
+and refines the winner. The profile uses the model's defaults (its calibration
 prompts, steps, window auto, seed 0) on the CPU in float32, without latencies.
 """
 
@@ -26,6 +27,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ from planner.loading import load_pipeline
 from planner.output import write_plan
 from planner.refine import calibration_score, executed_attention, refine
 from planner.registry import resolve_model
-from planner.schedules import uniform_plans
+from planner.schedules import base_plan, uniform_plans
 from runtime import load_plan
 from schemas import Plan
 
@@ -66,6 +68,19 @@ def closest_to_raw(score: Callable[[Plan], float], plans: list[Plan]) -> tuple[P
     return plans[int(np.argmax(scores))], scores
 
 
+def path_of(model: str, name: str) -> Path:
+    return ROOT / "plans" / model / f"{name}.json"
+
+
+def pick_and_refine(pipe: Any, model: str, name: str, options: list[Plan], target: float, figure: str, evals: int) -> Plan:
+    """The option closest to raw on the calibration prompts, refined there (both printed)."""
+    score = calibration_score(pipe, resolve_model(model), options[0], EMBEDDED_MODELS[model].calibration_prompts)
+    plan, scores = closest_to_raw(score, options)
+    tried = ", ".join(f"{o.calibration.search} {s:.2f} dB" for o, s in zip(options, scores))
+    print(f"plans/{model}/{name}.json  {figure} {FIGURES[figure](plan):.3f}; calibration PSNR: {tried}", flush=True)
+    return refined(score, plan, target, figure, evals)
+
+
 def refined(score: Callable[[Plan], float], plan: Plan, target: float, figure: str, evals: int) -> Plan:
     """``plan`` refined on the calibration PSNR (``planner/refine.py``), its figure kept under ``target``."""
     result = refine(plan, score, fits=lambda p: FIGURES[figure](p) <= target, max_evals=evals)
@@ -78,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--evals", type=int, default=40, help="calibration scores the refinement may spend per plan")
-    parser.add_argument("--refine-only", action="store_true", help="refine the plans already in plans/MODEL/")
+    parser.add_argument("--refine-only", action="store_true", help="weigh the plans already in plans/MODEL/ against the uniform schedules, refine, rewrite")
     args = parser.parse_args()
     planner = [sys.executable, "-m", "cli"]
     targets = [(name, target, "attention", False) for name, target in ATTENTION_TARGETS.items()]
@@ -86,12 +101,13 @@ def main() -> None:
     for model in args.models:
         pipe = load_pipeline(resolve_model(model), torch.device("cpu"), torch.float32)
         if args.refine_only:
-            for name, target, figure, _ in targets:
-                path = ROOT / "plans" / model / f"{name}.json"
-                if path.exists():
-                    print(f"plans/{model}/{name}.json", flush=True)
-                    plan = load_plan(path)
-                    write_plan(refined(calibration_score(pipe, resolve_model(model), plan, EMBEDDED_MODELS[model].calibration_prompts), plan, target, figure, args.evals), path)
+            for name, target, figure, ffn in targets:
+                path = path_of(model, name)
+                shipped = [load_plan(path)] if path.exists() else []
+                base = shipped[0] if shipped else load_plan(path_of(model, "a25"))
+                options = shipped + uniform_plans(base, target, FIGURES[figure], ffn=ffn)
+                if options:
+                    write_plan(pick_and_refine(pipe, model, name, options, target, figure, args.evals), path)
             continue
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{model}.profile"
@@ -101,17 +117,11 @@ def main() -> None:
         for name, target, figure, ffn in targets:
             compilers = [Compiler(profile, weighted=p is not None, ffn=ffn, power=p or 0.0) for p in POWERS]
             options = [p for p in (plan_at(c, target, figure) for c in compilers) if p is not None]
-            options += uniform_plans(profile, target, FIGURES[figure], ffn=ffn)
+            options += uniform_plans(base_plan(profile), target, FIGURES[figure], ffn=ffn)
             if not options:
                 print(f"plans/{model}/{name}.json  not written: no plan keeps {figure} FLOPs at most {target}", flush=True)
                 continue
-            score = calibration_score(pipe, resolve_model(model), options[0], EMBEDDED_MODELS[model].calibration_prompts)
-            plan, scores = closest_to_raw(score, options)
-            tried = ", ".join(f"{o.calibration.search} {s:.2f} dB" for o, s in zip(options, scores))
-            print(f"plans/{model}/{name}.json  δ {plan.calibration.delta}, {figure} {FIGURES[figure](plan):.3f}; "
-                  f"calibration PSNR: {tried}", flush=True)  # fmt: skip
-            write_plan(refined(score, plan, target, figure, args.evals), ROOT / "plans" / model / f"{name}.json")
-
+            write_plan(pick_and_refine(pipe, model, name, options, target, figure, args.evals), path_of(model, name))
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ from planner.build import build_plan
 from planner.compile import RESOLUTION, STEP_WEIGHT_POWER, Compiler, Predictor, compile_plan, compile_plans, load_profile
 from planner.errors import PlannerError
 from planner.profile import profile_model, write_profile
-from planner.schedules import uniform_plan
+from planner.schedules import base_plan, uniform_plan
 from runtime import load_plan
 from schemas import PlanError, ProfileError, decode_plan, encode_plan, forecast_pairs, summarize
 from tests.planner.pipelines import fresh_generation, request
@@ -315,7 +315,7 @@ def test_build_from_profile_with_ffn_and_step_weights(profile_file, tmp_path):
 
 def test_uniform_schedule_with_feed_forward_reuse_skips_whole_steps(profile_file):
     profile = load_profile(profile_file)
-    plan = uniform_plan(profile, 2, 2, "forecast", ffn=True)  # 4 steps: computed 0, 1, 3
+    plan = uniform_plan(base_plan(profile), 2, 2, "forecast", ffn=True)  # 4 steps: computed 0, 1, 3
     width = len(profile.measurements.ffn_reuse[0])
     assert plan.ffn == [["compute"] * width] * 2 + [["forecast"] * width] + [["compute"] * width]
     assert decode_plan(encode_plan(plan)) == plan
@@ -324,7 +324,7 @@ def test_uniform_schedule_with_feed_forward_reuse_skips_whole_steps(profile_file
 
 
 def test_refine_keeps_the_cost_and_writes_a_valid_plan(profile_file, folders, tmp_path):
-    start = uniform_plan(load_profile(profile_file), 2, 2, "forecast")  # computed 0, 1, 3 of 4 steps
+    start = uniform_plan(base_plan(load_profile(profile_file)), 2, 2, "forecast")  # computed 0, 1, 3 of 4 steps
     source, output = tmp_path / "plan.json", tmp_path / "refined.json"
     source.write_bytes(encode_plan(start))
     result = invoke("refine", source, "-o", output, "--model", folders["pixart-sigma"], "--evals", "4", "--quiet")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from planner.refine import moved, positions, refine, with_methods
-from planner.schedules import uniform_plan
+from planner.schedules import base_plan, uniform_plan
 from schemas import PlanError, decode_plan, encode_plan
 from schemas.plan import check_plan
 from tests.planner.test_compile_forecast import LAYERS, STEPS, profile
@@ -27,7 +27,7 @@ def column_counts(plan) -> list[dict[str, int]]:
 
 
 def test_refine_climbs_to_the_best_grid_without_changing_any_layers_methods():
-    start = uniform_plan(profile(), 2, 1, "ast")  # full at steps 0, 2, 4 in both layers
+    start = uniform_plan(base_plan(profile()), 2, 1, "ast")  # full at steps 0, 2, 4 in both layers
     result = refine(start, closeness, max_evals=500)
     assert result.start == closeness(start) == -2  # layer 1 wants 1 and 5 where it has 2 and 4
     assert result.score == closeness(result.plan) == 0 and result.kept == 2
@@ -40,7 +40,7 @@ def test_refine_climbs_to_the_best_grid_without_changing_any_layers_methods():
 
 
 def test_refine_skips_invalid_grids_and_those_that_do_not_fit():
-    start = uniform_plan(profile(), 2, 2, "forecast")  # full at 0, 1, 3, 5
+    start = uniform_plan(base_plan(profile()), 2, 2, "forecast")  # full at 0, 1, 3, 5
     seen = []
 
     def score(plan):
@@ -58,7 +58,7 @@ def test_refine_skips_invalid_grids_and_those_that_do_not_fit():
 
 
 def test_refine_spends_at_most_its_evaluations_and_keeps_the_plan_when_nothing_gains():
-    start = uniform_plan(profile(), 2, 1, "ast")
+    start = uniform_plan(base_plan(profile()), 2, 1, "ast")
     calls = []
     result = refine(start, lambda plan: calls.append(1) or 0.0, max_evals=5)
     assert len(calls) == result.evals <= 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.schedules import computed_steps, uniform_plan, uniform_plans
+from planner.schedules import base_plan, computed_steps, uniform_plan, uniform_plans
 from schemas import decode_plan, encode_plan
 from tests.planner.test_compile_forecast import LAYERS, STEPS, profile
 
@@ -28,7 +28,7 @@ def test_computed_steps_are_the_warmup_then_every_interval_after_its_last(steps,
 
 @pytest.mark.parametrize("reuse", ["ast", "forecast"])
 def test_uniform_plan_computes_every_layer_on_its_steps_and_reuses_between(reuse):
-    plan = uniform_plan(profile(), 2, 2, reuse)
+    plan = uniform_plan(base_plan(profile()), 2, 2, reuse)
     assert plan.methods == [["full"] * LAYERS if t in (0, 1, 3, 5) else [reuse] * LAYERS for t in range(STEPS)]
     assert attention(plan) == pytest.approx(4 / STEPS)
     assert plan.calibration.search == f"uniform-{reuse}-every-2-after-2"
@@ -37,20 +37,20 @@ def test_uniform_plan_computes_every_layer_on_its_steps_and_reuses_between(reuse
 
 def test_forecast_needs_two_computed_steps_and_reuse_must_be_known():
     with pytest.raises(ValueError, match="warmup >= 2"):
-        uniform_plan(profile(), 2, 1, "forecast")
+        uniform_plan(base_plan(profile()), 2, 1, "forecast")
     with pytest.raises(ValueError, match="reuse: expected one of"):
-        uniform_plan(profile(), 2, 2, "wars")
-    with pytest.raises(ValueError, match="ffn: the profile measured no feed-forward layers"):
-        uniform_plan(profile(), 2, 2, "ast", ffn=True)
+        uniform_plan(base_plan(profile()), 2, 2, "wars")
+    with pytest.raises(ValueError, match=r"ffn: the plan counts no feed-forward layers"):
+        uniform_plan(base_plan(profile()), 2, 2, "ast", ffn=True)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.34, 0.7])
 def test_uniform_plans_take_the_most_compute_that_fits_the_target(target):
-    found = uniform_plans(profile(), target, attention)
+    found = uniform_plans(base_plan(profile()), target, attention)
     assert found, "some uniform schedule fits"
     for plan in found:
         assert attention(plan) <= target
         _, reuse, _, interval, _, warmup = plan.calibration.search.split("-")
         if int(interval) > 2:  # the next denser schedule would not fit
-            assert attention(uniform_plan(profile(), int(interval) - 1, int(warmup), reuse)) > target
+            assert attention(uniform_plan(base_plan(profile()), int(interval) - 1, int(warmup), reuse)) > target
     assert all(p.methods[1][0] == "full" for p in found if "forecast" in p.calibration.search)
