@@ -712,6 +712,16 @@ def evaluate_plan(
         run_eval(plan_file, model, num_samples, seed, batch_size, repeats, device, dtype, save_grid, as_json)
 
 
+def load_with_status(spec: Any, device_name: str | None, dtype_name: str) -> Any:
+    """``spec``'s pipeline on the asked device and dtype, with a status line while it loads."""
+    from planner.loading import load_pipeline, resolve_device, resolve_dtype
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    with err.status(f"loading {spec.name} on {device} ({str(dtype).removeprefix('torch.')})"):
+        return load_pipeline(spec, device, dtype)
+
+
 def run_eval(
     plan_file: Path,
     model: str | None,
@@ -727,7 +737,7 @@ def run_eval(
     """Load the plan and its model, evaluate with a progress bar, and print the figures."""
     from planner.evaluate import evaluate, eval_inputs, forwards_needed, render
     from planner.evaluate import save_grid as write_grid
-    from planner.loading import DTYPES, load_pipeline, quiet_libraries, resolve_device, resolve_dtype
+    from planner.loading import DTYPES, quiet_libraries
     from planner.output import check_writable
     from planner.registry import resolve_model
     from runtime.loading import load_plan
@@ -740,10 +750,7 @@ def run_eval(
         check_writable(save_grid, "save_grid", inputs={"plan": plan_file})
     spec = resolve_model(model or plan.model.name)
     inputs = eval_inputs(spec, plan, num_samples, seed)
-    device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_name, device)
-    with err.status(f"loading {spec.name} on {device} ({str(dtype).removeprefix('torch.')})"):
-        pipe = load_pipeline(spec, device, dtype)
+    pipe = load_with_status(spec, device_name, dtype_name)
     with Progress(
         TextColumn("generating raw and planned"),
         BarColumn(),
@@ -816,7 +823,7 @@ def run_refine(
 ) -> None:
     """Load the plan and its model, hill-climb with a progress bar, write the result atomically."""
     from planner.calibration import CAPTIONS, CLASS_IDS, read_prompts
-    from planner.loading import DTYPES, load_pipeline, quiet_libraries, resolve_device, resolve_dtype
+    from planner.loading import DTYPES, quiet_libraries
     from planner.output import check_writable, write_plan
     from planner.refine import calibration_score, executed_attention, no_dearer
     from planner.refine import refine as hill_climb
@@ -833,10 +840,7 @@ def run_refine(
     spec = resolve_model(model or plan.model.name)
     default = spec.calibration or (CLASS_IDS if spec.family.inputs == "classes" else CAPTIONS)
     inputs = read_prompts(prompts_file) if prompts_file else list(default)[: plan.calibration.num_prompts]
-    device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_name, device)
-    with err.status(f"loading {spec.name} on {device} ({str(dtype).removeprefix('torch.')})"):
-        pipe = load_pipeline(spec, device, dtype)
+    pipe = load_with_status(spec, device_name, dtype_name)
     with Progress(
         TextColumn("refining: calibration generations"),
         BarColumn(),

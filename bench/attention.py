@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from bench.common import device_name, measure, sync, table
+from bench.common import device_and_dtype, device_name, measure, split_forms, sync, table
 from planner.windows import band_width, candidates, parse_window, shape_for
 from runtime.kernels import KERNELS, full_attention
 from runtime.merge import bind_refresh
@@ -111,9 +111,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--refresh", action="store_true", help="add the residual refresh: full+window vs merged")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    forms = [f.strip() for f in args.windows.split(",") if f.strip()]
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    forms = split_forms(args.windows)
     rows = []
     for n in map(int, args.tokens.split(",")):
         # [batch, tokens, heads, dim] seen as [batch, heads, tokens, dim]: the layout the processor gets

@@ -35,6 +35,17 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def device_and_dtype(device: str, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """The benchmark's device and dtype: ``dtype`` by name, else float16 on CUDA and float32 elsewhere."""
+    where = torch.device(device)
+    return where, getattr(torch, dtype or ("float16" if where.type == "cuda" else "float32"))
+
+
+def split_forms(text: str) -> list[str]:
+    """A comma-separated list of ``--window`` forms, blanks dropped."""
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

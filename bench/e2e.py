@@ -30,7 +30,7 @@ from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
 import runtime
 from bench.attention import windows_for
-from bench.common import device_name, measure, table
+from bench.common import device_and_dtype, device_name, measure, split_forms, table
 from planner.latency import measure_transformer
 from planner.report import latency_fact
 from schemas import (
@@ -143,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    dtype = getattr(torch, args.dtype or ("float16" if gpu else "float32"))
+    dtype = device_and_dtype(args.device, args.dtype)[1]
     layers = args.layers or (28 if gpu else 2)
     steps = args.steps or (20 if gpu else 5)
     headers = ["N", "plan", "attn FLOPs kept", "predicted time", "seconds", "speedup", "refresh s (predicted)",
@@ -154,7 +154,7 @@ def main() -> None:
     def emit(row: list[str]) -> None:
         print("| " + " | ".join(row) + " |", flush=True)
 
-    forms = [f.strip() for f in args.windows.split(",") if f.strip()]
+    forms = split_forms(args.windows)
     facts = []
     for tokens in map(int, args.tokens.split(",")):
         side = 2 * int(round(tokens**0.5))  # latent side; patch 2 gives `tokens` tokens

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from bench.attention import windows_for
-from bench.common import device_name, table
+from bench.common import device_and_dtype, device_name, split_forms, table
 from runtime.kernels import KERNELS
 from runtime.merge import bind_refresh
 from runtime.windows import bind_window, mask
@@ -47,9 +47,8 @@ def main() -> None:
     parser.add_argument("--windows", default="auto", help="comma-separated: band, auto, or --window forms")
     parser.add_argument("--kernel", default="auto", choices=KERNELS)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    forms = [f.strip() for f in args.windows.split(",") if f.strip()]
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    forms = split_forms(args.windows)
     rows = []
     for n in map(int, args.tokens.split(",")):
         gen = torch.Generator().manual_seed(n)

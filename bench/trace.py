@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import runtime
 from bench.attention import windows_for
-from bench.common import device_name, sync, table
+from bench.common import device_and_dtype, device_name, split_forms, sync, table
 from bench.e2e import TARGETS, build_model, denoise, draw_mix, make_plan
 from schemas import window_name
 
@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    dtype = getattr(torch, args.dtype or ("float16" if gpu else "float32"))
+    dtype = device_and_dtype(args.device, args.dtype)[1]
     layers, steps = args.layers or (28 if gpu else 2), args.steps or (20 if gpu else 5)
     side = 2 * int(round(args.tokens**0.5))
     model = build_model(layers, side, device, dtype)
@@ -74,8 +74,8 @@ def main() -> None:
     print(f"bench.trace: {layers} layers x {steps} steps, {args.tokens} tokens, CFG batch 2 — "
           f"{device_name(device)}, {dtype}")
     summary = []
-    runs = [("raw", None)] + [(f"{window_name(w)} D6-like", w) for w in windows_for(args.tokens, [
-        f.strip() for f in args.windows.split(",") if f.strip()], 1 / 8)]
+    windows = windows_for(args.tokens, split_forms(args.windows), 1 / 8)
+    runs = [("raw", None)] + [(f"{window_name(w)} D6-like", w) for w in windows]
     for label, window in runs:
         if window is None:
             wall, prof = traced(run, device)
