@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from planner.refine import moved, positions, refine, with_methods
+from planner.refine import executed_attention, moved, no_dearer, positions, refine, with_methods
 from planner.schedules import base_plan, uniform_plan
-from schemas import PlanError, decode_plan, encode_plan
+from schemas import PlanError, decode_plan, encode_plan, method_cost
 from schemas.plan import check_plan
 from tests.planner.test_compile_forecast import LAYERS, STEPS, profile
 
@@ -72,3 +72,15 @@ def test_moves_cover_rows_and_cells_and_skip_equal_swaps():
     assert moved(grid, (1, 0)) is None
     assert moved(grid, (1, 1)) == [["full", "full"], ["ast", "ast"], ["ast", "full"]]
     assert grid == [["full", "full"], ["ast", "full"], ["ast", "ast"]]  # not modified in place
+
+
+def test_executed_attention_adds_the_windows_of_the_refreshing_steps():
+    base = base_plan(profile())
+    grid = [["full"] * LAYERS for _ in range(STEPS)]
+    grid[1][0], grid[2][0] = "wars", "wars"  # step 0 of layer 0 refreshes its residual once
+    plan = with_methods(base, grid)
+    window = method_cost("wars", plan.tokens.num_tokens, plan.window)
+    assert executed_attention(plan) == pytest.approx(plan.summary.attention_flops_fraction + window / (LAYERS * STEPS))
+    assert executed_attention(base) == 1.0
+    fits = no_dearer(plan)
+    assert fits(plan) and not fits(base)
