@@ -7,7 +7,7 @@ import pytest
 
 from planner.compile import Compiler, Predictor, compile_plan
 from schemas import ProfileError, decode_profile, encode_profile, forecast_pairs
-from tests.schemas.test_profile import make_profile
+from tests.schemas.test_profile import sized_profile
 
 STEPS, LAYERS, LAGS = 6, 2, 3
 GAIN = 0.1  # probe loss / lag-1 ast distance everywhere
@@ -17,32 +17,24 @@ def profile(*, ast: float = 0.5, forecast: dict[tuple[int, int], float] | None =
     """``ast`` distance at every lag, ``forecast`` distance per lag pair (default 0.4), no window candidates."""
     pairs = forecast_pairs(LAGS)
     forecast = forecast or {}
-    base = make_profile(cfg, schema_version=4)
-
     def lags(value):
         return [[[value if k <= t else None for k in range(1, LAGS + 1)] for _ in range(LAYERS)] for t in range(STEPS)]
 
-    return msgspec.structs.replace(
-        base,
-        model=msgspec.structs.replace(base.model, num_layers=LAYERS),
-        sampling=msgspec.structs.replace(base.sampling, num_steps=STEPS),
-        lags=LAGS,
-        measurements=msgspec.structs.replace(
-            base.measurements,
-            ast=lags(ast),
-            wars=lags(50.0),  # never fits
-            wars_after_asc=lags(50.0) if cfg else None,
-            wars_asc=lags(50.0) if cfg else None,
-            asc=[[50.0] * LAYERS for _ in range(STEPS)] if cfg else None,
-            output_norm=[[1.0] * LAYERS for _ in range(STEPS)],
-            loss={"ast": [[None if t == 0 else GAIN * ast] * LAYERS for t in range(STEPS)]},
-            forecast=[
-                [[forecast.get(pair, 0.4) if pair[1] <= t else None for pair in pairs] for _ in range(LAYERS)]
-                for t in range(STEPS)
-            ],
-            step_weight=weights,
-        ),
-    )
+    return sized_profile(
+        cfg, LAYERS, STEPS, LAGS,
+        ast=lags(ast),
+        wars=lags(50.0),  # never fits
+        wars_after_asc=lags(50.0) if cfg else None,
+        wars_asc=lags(50.0) if cfg else None,
+        asc=[[50.0] * LAYERS for _ in range(STEPS)] if cfg else None,
+        output_norm=[[1.0] * LAYERS for _ in range(STEPS)],
+        loss={"ast": [[None if t == 0 else GAIN * ast] * LAYERS for t in range(STEPS)]},
+        forecast=[
+            [[forecast.get(pair, 0.4) if pair[1] <= t else None for pair in pairs] for _ in range(LAYERS)]
+            for t in range(STEPS)
+        ],
+        step_weight=weights,
+    )  # fmt: skip
 
 
 def test_profiles_with_forecasts_and_weights_round_trip_and_are_checked():

@@ -19,9 +19,9 @@ from planner.errors import PlannerError
 from planner.profile import profile_model, write_profile
 from planner.schedules import base_plan, uniform_plan
 from runtime import load_plan
-from schemas import PlanError, ProfileError, decode_plan, encode_plan, forecast_pairs, summarize
+from schemas import PlanError, decode_plan, encode_plan, forecast_pairs, summarize
 from tests.planner.pipelines import fresh_generation, request
-from tests.schemas.test_profile import make_profile
+from tests.schemas.test_profile import sized_profile
 
 STEPS = 5
 LADDER = (1.0, 0.999, 0.995, 0.99, 0.98, 0.975, 0.95, 0.9, 0.85, 0.8, 0.6, 0.3)
@@ -214,25 +214,18 @@ def profiles(draw):
     pairs = forecast_pairs(lags)
     forecast = [[[draw(dist) if k <= t else None for _, k in pairs] for _ in range(layers)] for t in range(steps)]
     weights = [None] + [draw(st.floats(0.0, 4.0)) for _ in range(steps - 1)]
-    base = make_profile(cfg, schema_version=4)
-    return msgspec.structs.replace(
-        base,
-        model=msgspec.structs.replace(base.model, num_layers=layers),
-        sampling=msgspec.structs.replace(base.sampling, num_steps=steps),
-        lags=lags,
-        measurements=msgspec.structs.replace(
-            base.measurements,
-            ast=lag_grid(),
-            wars=lag_grid(),
-            wars_after_asc=lag_grid() if cfg else None,
-            wars_asc=lag_grid() if cfg else None,
-            asc=step_grid() if cfg else None,
-            output_norm=[[draw(st.floats(0.0, 10.0)) for _ in range(layers)] for _ in range(steps)],
-            loss={p: step_grid() for p in probes},
-            forecast=draw(st.sampled_from([forecast, None])),
-            step_weight=draw(st.sampled_from([weights, None])),
-        ),
-    )
+    return sized_profile(
+        cfg, layers, steps, lags,
+        ast=lag_grid(),
+        wars=lag_grid(),
+        wars_after_asc=lag_grid() if cfg else None,
+        wars_asc=lag_grid() if cfg else None,
+        asc=step_grid() if cfg else None,
+        output_norm=[[draw(st.floats(0.0, 10.0)) for _ in range(layers)] for _ in range(steps)],
+        loss={p: step_grid() for p in probes},
+        forecast=draw(st.sampled_from([forecast, None])),
+        step_weight=draw(st.sampled_from([weights, None])),
+    )  # fmt: skip
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

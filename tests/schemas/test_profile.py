@@ -50,6 +50,18 @@ def make_profile(cfg: bool = True, **changes) -> schemas.Profile:
     return msgspec.structs.replace(profile, **changes)
 
 
+def sized_profile(cfg: bool, layers: int, steps: int, lags: int, **measurements) -> schemas.Profile:
+    """A version-4 ``make_profile`` of ``layers`` x ``steps`` at ``lags``, with these measurement grids."""
+    base = make_profile(cfg, schema_version=4)
+    return msgspec.structs.replace(
+        base,
+        model=msgspec.structs.replace(base.model, num_layers=layers),
+        sampling=msgspec.structs.replace(base.sampling, num_steps=steps),
+        lags=lags,
+        measurements=msgspec.structs.replace(base.measurements, **measurements),
+    )
+
+
 def as_doc(profile: schemas.Profile) -> dict:
     return msgspec.msgpack.decode(encode_profile(profile))
 
