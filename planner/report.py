@@ -10,15 +10,17 @@ from rich.table import Table
 from rich.text import Text
 
 from schemas import (
+    HEAD_LETTERS,
     LATENCY_VARIANTS,
     FFN_METHODS,
     METHODS,
     Latency,
     Plan,
+    cell_cost,
     cfg_mode_of,
+    head_cells,
     keys_per_query,
     layer_weight,
-    method_cost,
     plan_layers,
     window_name,
     window_pairs,
@@ -34,6 +36,7 @@ METHOD_STYLE: dict[str, tuple[str, str]] = {
     "wars_asc": ("B", "magenta"),
     "forecast": ("P", "bright_green"),
 }
+HEADS_STYLE = ("H", "blue")  # a per-head cell (a ``wars`` cell whose heads run their own methods)
 FFN_STYLE: dict[str, tuple[str, str]] = {
     "compute": ("f", "bright_black"),
     "reuse": ("r", "green"),
@@ -50,6 +53,8 @@ def plan_facts(plan: Plan) -> dict[str, Any]:
     facts = msgspec.to_builtins(plan)
     facts.pop("methods")
     facts.pop("losses", None)
+    if plan.heads is not None:  # counted, not listed: a plan may have thousands
+        facts["heads"] = head_counts(plan)
     facts["num_steps"], facts["num_layers"] = plan.sampling.num_steps, plan.model.num_layers
     return facts
 
@@ -91,12 +96,28 @@ def _facts_table(plan: Plan) -> Table:
         rows.append(("latency", latency_fact(plan.latency)))
         rows.append(("predicted time", f"{plan.summary.time_fraction:.3f} of the all-full plan"))
     rows.append(("methods", method_counts(plan.summary.method_counts)))
+    if plan.heads is not None:
+        rows.append(("per-head cells", heads_fact(plan)))
     if plan.ffn is not None:
         counts = {m: sum(row.count(m) for row in plan.ffn) for m in FFN_METHODS}
         rows.append(("feed-forward", "  ".join(f"{FFN_STYLE[m][0]} {m} {n}" for m, n in counts.items() if n)))
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def head_counts(plan: Plan) -> dict[str, int]:
+    """How many per-head cells the plan has and how many heads of them run each method."""
+    letters = "".join(cell.methods for cell in plan.heads or ())
+    return {"cells": len(plan.heads or ()), **{m: letters.count(c) for c, m in HEAD_LETTERS.items()}}
+
+
+def heads_fact(plan: Plan) -> str:
+    """The per-head cells in one line: their number and their heads by method."""
+    counts = head_counts(plan)
+    heads = sum(counts[m] for m in HEAD_LETTERS.values())
+    shares = ", ".join(f"{m} {percent(counts[m] / heads)}" for m in HEAD_LETTERS.values())
+    return f"{counts['cells']} of the 'wars' cells (H in the grid); their {heads} heads: {shares}"
 
 
 def _tokens_fact(plan: Plan, size: str) -> str:
@@ -166,10 +187,10 @@ def shown_steps(steps: int) -> list[int | None]:
     return [*range(head), None, *range(steps - tail, steps)]
 
 
-def _letters(row: list[str], layers: list[Any], video: bool) -> Text:
+def _letters(row: list[str], layers: list[Any], video: bool, per_head: set[int]) -> Text:
     letters = Text()
     for i, method in enumerate(row):
-        letter, style = METHOD_STYLE[method]
+        letter, style = HEADS_STYLE if i in per_head else METHOD_STYLE[method]
         if video and layers[i].kind == "temporal":
             letter = letter.lower()  # temporal layers in lower case
         letters.append(letter, style=style)
@@ -206,25 +227,30 @@ def grid(plan: Plan) -> Table:
     table.add_column("FLOPs", justify="right")
     weights = [layer_weight(layer) for layer in layers]
     total = sum(weights)
+    heads = head_cells(plan)
     for t in shown_steps(len(plan.methods)):
         if t is None:
             skipped = len(plan.methods) - MAX_GRID_STEPS
             table.add_row("…", Text(f"{skipped} steps not shown (planner show --json for the figures)"), "")
             continue
         row = plan.methods[t]
-        cells = method_counts({m: row.count(m) for m in METHODS}) if wide else _letters(row, layers, video)
-        kept = sum(w * method_cost(m, layer.num_tokens, layer.window, layer.text_tokens) for m, layer, w in zip(row, layers, weights))
+        per_head = {i for i in range(len(row)) if (t, i) in heads}
+        cells = method_counts({m: row.count(m) for m in METHODS}) if wide else _letters(row, layers, video, per_head)
+        kept = sum(w * cell_cost(m, layer, heads.get((t, i))) for i, (m, layer, w) in enumerate(zip(row, layers, weights)))
         ffn = [_ffn_letters(plan.ffn[t])] if ffn_letters else []
         table.add_row(str(t), cells, *ffn, percent(kept / total))
     return table
 
 
-def legend(video: bool = False, ffn: bool = False) -> Text:
+def legend(video: bool = False, ffn: bool = False, heads: bool = False) -> Text:
     text = Text("legend: ")
     for method in METHODS:
         letter, style = METHOD_STYLE[method]
         text.append(letter, style=style)
         text.append(f" {method}  ")
+    if heads:
+        text.append(HEADS_STYLE[0], style=HEADS_STYLE[1])
+        text.append(" per-head (f/w/a by head)  ")
     for method in FFN_METHODS if ffn else ():
         letter, style = FFN_STYLE[method]
         text.append(letter, style=style)
@@ -237,7 +263,7 @@ def legend(video: bool = False, ffn: bool = False) -> Text:
 def render_plan(plan: Plan) -> Group:
     """The header facts, the grid and its legend."""
     video = any(layer.kind == "temporal" for layer in plan.layers or ())
-    return Group(_facts_table(plan), Text(), grid(plan), legend(video, plan.ffn is not None))
+    return Group(_facts_table(plan), Text(), grid(plan), legend(video, plan.ffn is not None, plan.heads is not None))
 
 
 def build_summary(plan: Plan, output: str, seconds: float, plain_seconds: float | None) -> Table:

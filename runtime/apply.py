@@ -16,7 +16,7 @@ from runtime.processor import FastAttnProcessor
 from runtime.runner import Runner
 from runtime.schedule import Schedule
 from runtime.state import RunStats
-from schemas import Plan, PlanError, cfg_mode_of, config_hash
+from schemas import Plan, PlanError, cfg_mode_of, config_hash, head_cells
 from schemas.plan import FFN_AS_ATTENTION
 
 # How the diffusers pipelines we know run CFG, by class name (no diffusers import): the
@@ -190,7 +190,7 @@ class FastAttnHandle:
         _check_cfg_order(plan, target, model)
         config = getattr(model, "config", {}) or {}
         self.runner = Runner(
-            Schedule([list(row) for row in plan.methods]),
+            Schedule([list(row) for row in plan.methods], heads=head_cells(plan)),
             window=plan.window,
             cfg=plan.sampling.cfg,
             cfg_order=plan.sampling.cfg_order,

@@ -36,7 +36,8 @@ class FastAttnProcessor:
     and whose ``LayerCache`` holds this layer's tensors. It never reads ``layer``
     there, so every layer with the same method and window runs the same graph. Run
     eagerly, it makes its ``LayerStep`` at call time, which is what the planner's trials
-    and per-chunk states need.
+    and per-chunk states need. A per-head cell (a ``wars`` cell with ``LayerStep.heads``)
+    runs each group of heads with its method (``_per_head``).
     """
 
     def __init__(self, runner: Runner, layer: int, adapter: Adapter = SELF) -> None:
@@ -119,9 +120,13 @@ def execute(runner: Runner, todo: LayerStep, adapter: Adapter, attn: Any, call: 
             cache.residual = o - window
             cache.residual_cond_only = batched
             cache.merged_refresh = merged
+    elif todo.heads is not None:
+        o = _per_head(runner, todo, q, k, v)
     else:
         residual = runner.residual_for(todo, rows, o_rows=q.shape[0])
         o = todo.window(q, k, v) + residual
+    if todo.writes and todo.keep_heads:
+        cache.head_output = runner.copy_to_both_halves(o) if batched else o
     out = adapter.output(attn, o, call, text, q.dtype)
     if batched:
         out = runner.copy_to_both_halves(out)
@@ -133,6 +138,35 @@ def execute(runner: Runner, todo: LayerStep, adapter: Adapter, attn: Any, call: 
     if shared and runner.cfg_mode == "separate":  # this step's unconditional call (or trial) returns it
         cache.shared = out
     return out
+
+
+def _heads_index(heads: tuple[int, ...]) -> slice | list[int]:
+    """A group of heads as a slice where contiguous (a view, no copy), else a list."""
+    if heads[-1] - heads[0] == len(heads) - 1:
+        return slice(heads[0], heads[-1] + 1)
+    return list(heads)
+
+
+def _per_head(runner: Runner, todo: LayerStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A per-head cell's per-head output: each group of heads runs its method together,
+    ``full`` heads full attention, ``wars`` heads the window plus their part of the layer's
+    residual, ``ast`` heads their part of the layer's last computed per-head output."""
+    full, wars, ast = todo.heads
+    o = q.new_empty(*q.shape[:3], v.shape[-1])
+    if full:
+        h = _heads_index(full)
+        o[:, h] = full_attention(q[:, h], k[:, h], v[:, h], None)
+    if wars:
+        h = _heads_index(wars)
+        residual = runner.residual_for(todo, slice(None), o_rows=q.shape[0])
+        o[:, h] = todo.window(q[:, h], k[:, h], v[:, h]) + residual[:, h]
+    if ast:
+        prior = todo.cache.head_output
+        if prior is None:
+            raise PlanError(f"$.heads: step {todo.step}, layer {todo.layer} has no earlier per-head output for its 'a' heads")
+        h = _heads_index(ast)
+        o[:, h] = prior[:, h]
+    return o
 
 
 def _from_conditional_call(todo: LayerStep) -> Outputs:
@@ -150,6 +184,8 @@ def _from_conditional_call(todo: LayerStep) -> Outputs:
         partner.shared = None
         if todo.refresh:
             cache.residual, cache.residual_cond_only = partner.residual, False
+        if todo.keep_heads:
+            cache.head_output = partner.head_output
         if todo.keep:
             cache.keep(out, todo.step)
     return out

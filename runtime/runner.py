@@ -56,6 +56,8 @@ class LayerStep:
     step: int
     layer: int
     coefficient: torch.Tensor | None = None  # forecast: (τ_t − τ_a) / (τ_a − τ_b), a 0-dim float64
+    heads: tuple[tuple[int, ...], ...] | None = None  # a per-head cell's (full, wars, ast) heads
+    keep_heads: bool = False  # a computed step whose per-head output a later cell's ast heads read
 
 
 class Runner:
@@ -138,6 +140,8 @@ class Runner:
             step=step,
             layer=layer,
             coefficient=self.forecast_coefficient(step, cache) if method == "forecast" else None,
+            heads=None if layer in self.overrides else schedule.head_groups(step, layer),
+            keep_heads=schedule.keeps_head_output(step, layer),
         )
 
     def forecast_coefficient(self, step: int, cache: LayerCache) -> torch.Tensor | None:
@@ -398,6 +402,8 @@ class Runner:
                 cache.residual = None
             if free_output:
                 cache.free_outputs()
+            if schedule.frees_head_output(step, layer):
+                cache.head_output = None
         if self.ffn_schedule is not None:
             for j in range(len(self.ffn_schedule.methods[step])):
                 if self.ffn_schedule.frees_after(step, j)[1]:
@@ -410,6 +416,7 @@ class Runner:
             state.count(
                 row[layer], rows, state.cache(layer).tokens, self.window_of(layer), refreshed,
                 self.text_tokens(layer), merged=state.cache(layer).merged_refresh,
+                heads=schedule.heads.get((step, layer)),
             )
         state.call = 0
         if step == 0:

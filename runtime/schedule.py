@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.latency import COMPUTES_FULL, USES_RESIDUAL, refreshed_cells
+from schemas.latency import COMPUTES_FULL, HEAD_LETTERS, USES_RESIDUAL, Heads, refreshed_cells
 from schemas.plan import REUSES_OUTPUT
 
 
@@ -14,12 +14,18 @@ class Schedule:
     step refreshes its residual. Otherwise caches are kept only when a later step
     reads them, and freed after that step: the outputs are the same either way.
     An ``ast`` step reads the layer's last computed output, a ``forecast`` step its
-    last two (``LayerCache.output`` and ``LayerCache.previous``).
+    last two (``LayerCache.output`` and ``LayerCache.previous``). ``heads`` are the
+    per-head cells (``wars`` cells, ``schemas.plan.HeadCell``): their ``a`` heads read
+    the per-head output of the layer's last computed step (``LayerCache.head_output``),
+    kept only for them.
     """
 
-    def __init__(self, methods: list[list[str]], *, keep_all: bool = False) -> None:
+    def __init__(self, methods: list[list[str]], *, keep_all: bool = False, heads: Heads | None = None) -> None:
         self.methods = methods
         self.keep_all = keep_all
+        self.heads: Heads = dict(heads or {})
+        self._keep_heads: set[tuple[int, int]] = set()
+        self._free_heads: set[tuple[int, int]] = set()
         self._refresh: set[tuple[int, int]] = set()
         self._keep_output: set[tuple[int, int]] = set()
         self._free_residual: set[tuple[int, int]] = set()
@@ -33,6 +39,23 @@ class Schedule:
 
     def method(self, step: int, layer: int) -> str:
         return self.methods[step][layer]
+
+    def head_groups(self, step: int, layer: int) -> tuple[tuple[int, ...], ...] | None:
+        """A per-head cell's heads by method, ``(full, wars, ast)``; ``None`` elsewhere."""
+        letters = self.heads.get((step, layer))
+        if letters is None:
+            return None
+        return tuple(tuple(h for h, c in enumerate(letters) if c == letter) for letter in HEAD_LETTERS)
+
+    def keeps_head_output(self, step: int, layer: int) -> bool:
+        """Whether this computed step keeps its per-head output for a later cell's ``a`` heads."""
+        if self.keep_all:
+            return bool(self.heads) and self.methods[step][layer] not in REUSES_OUTPUT
+        return (step, layer) in self._keep_heads
+
+    def frees_head_output(self, step: int, layer: int) -> bool:
+        """Whether the layer's per-head output is not read after this step."""
+        return (step, layer) in self._free_heads
 
     def refreshes_residual(self, step: int, layer: int) -> bool:
         """Whether this ``full``/``asc`` step stores ``R = full - window`` for later use."""
@@ -52,8 +75,9 @@ class Schedule:
             return False, False
         return (step, layer) in self._free_residual, (step, layer) in self._free_output
 
-    def variants(self) -> set[tuple[str, bool, bool, bool]]:
-        """The distinct layer-steps of the grid, ``(method, refresh, keep, cond_residual)``.
+    def variants(self) -> set[tuple]:
+        """The distinct layer-steps of the grid, ``(method, refresh, keep, cond_residual,
+        head_groups, keeps_head_output)``.
 
         ``cond_residual``: a ``wars``/``wars_asc`` step reads a residual refreshed at an
         ``asc`` step (conditional rows only). A compiled block runs one graph per variant
@@ -66,7 +90,8 @@ class Schedule:
                 m = row[i]
                 cond = m in USES_RESIDUAL and source == "asc"
                 found.add((m, m in COMPUTES_FULL and self.refreshes_residual(t, i),
-                           m not in REUSES_OUTPUT and self.keeps_output(t, i), cond))
+                           m not in REUSES_OUTPUT and self.keeps_output(t, i), cond,
+                           self.head_groups(t, i), self.keeps_head_output(t, i)))
                 if m in COMPUTES_FULL:
                     source = m
         return found
@@ -85,7 +110,21 @@ class Schedule:
                 if later is None or column[later] not in USES_RESIDUAL:
                     self._free_residual.add((t, i))
             self._derive_outputs(i, column)
+            self._derive_heads(i, column)
 
+    def _derive_heads(self, layer: int, column: list[str]) -> None:
+        """Keep a computed step's per-head output when the layer's next computed step is a
+        per-head cell with ``a`` heads; free it after that cell unless it keeps its own."""
+        last = None  # the layer's last computed step
+        for t, m in enumerate(column):
+            if m in REUSES_OUTPUT:
+                continue
+            letters = self.heads.get((t, layer))
+            if letters is not None and "a" in letters and last is not None:
+                self._keep_heads.add((last, layer))
+                self._free_heads.add((t, layer))
+            last = t
+        self._free_heads -= self._keep_heads
     def _derive_outputs(self, layer: int, column: list[str]) -> None:
         """Keep each computed output a later reader reads; free the outputs after a reader
         whose sources no later reader reads (a later reader reading the older of a pair

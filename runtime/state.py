@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.adapters import Outputs
-from schemas import FFN_METHODS, METHODS, WindowShape, method_cost
+from schemas import FFN_METHODS, METHODS, WindowShape, head_cost, method_cost
 
 
 @dataclass
@@ -21,6 +21,7 @@ class RunStats:
     """
 
     method_counts: dict[str, int] = field(default_factory=lambda: {m: 0 for m in METHODS})
+    head_cells: int = 0  # per-head cells, counted under their grid method ``wars`` too
     residual_refreshes: int = 0
     steps: int = 0
     generations: int = 0
@@ -57,6 +58,7 @@ class RunStats:
     def as_dict(self) -> dict[str, object]:
         return {
             "method_counts": dict(self.method_counts),
+            "head_cells": self.head_cells,
             "residual_refreshes": self.residual_refreshes,
             "steps": self.steps,
             "generations": self.generations,
@@ -93,7 +95,8 @@ class LayerCache:
     layer's outputs as a tuple), computed at step ``output_step``; ``previous`` (of step
     ``previous_step``): the output kept before it, which a ``forecast`` also reads;
     ``residual`` (and ``residual_cond_only``): the residual kept for
-    later ``wars``/``wars_asc`` steps; ``shared``: with CFG in separate calls, the
+    later ``wars``/``wars_asc`` steps; ``head_output``: the per-head output (before the
+    output projection, every row) kept for a later per-head cell's ``a`` heads; ``shared``: with CFG in separate calls, the
     conditional call's output of an ``asc``/``wars_asc`` step, which the unconditional
     call of the same step returns.
     ``rows``/``tokens``: the attention batch and sequence length of the layer's call at
@@ -110,6 +113,7 @@ class LayerCache:
         self.previous_step = -1
         self.residual: torch.Tensor | None = None
         self.residual_cond_only = False
+        self.head_output: torch.Tensor | None = None
         self.shared: Outputs | None = None  # separate CFG: this conditional call's output for the next call
         self.rows = 0
         self.tokens = 0
@@ -127,7 +131,7 @@ class LayerCache:
         return _nbytes(self.residual)
 
     def output_bytes(self) -> int:
-        return _nbytes(self.output) + _nbytes(self.previous) + _nbytes(self.shared)
+        return _nbytes(self.output) + _nbytes(self.previous) + _nbytes(self.shared) + _nbytes(self.head_output)
 
 
 def _made(calls: list[list[LayerCache]], call: int, layer: int) -> LayerCache:
@@ -232,16 +236,22 @@ class GenerationState:
         text_tokens: int = 0,
         *,
         merged: bool = False,
+        heads: str | None = None,
     ) -> None:
         """Record one layer-step: ``rows`` attention sequences of ``num_tokens`` image tokens
-        (and ``text_tokens`` text tokens of a joint layer). A refresh adds its window's pairs
-        unless it ran ``merged`` (window and complement: the full pairs, counted already)."""
+        (and ``text_tokens`` text tokens of a joint layer), per head by the letters ``heads``
+        of a per-head cell. A refresh adds its window's pairs unless it ran ``merged``
+        (window and complement: the full pairs, counted already)."""
         stats = self.stats
         total = num_tokens + text_tokens
         full = rows * total * total
         stats.method_counts[method] += 1
+        stats.head_cells += heads is not None
         stats.full_attention_flops += full
-        stats.attention_flops += full * method_cost(method, num_tokens, window, text_tokens)
+        if heads is not None:
+            stats.attention_flops += full * head_cost(heads, num_tokens, window, text_tokens)
+        else:
+            stats.attention_flops += full * method_cost(method, num_tokens, window, text_tokens)
         if refreshed:
             stats.residual_refreshes += 1
         if refreshed and not merged:

@@ -1,6 +1,7 @@
 """Plan format of ditfastattn: typed, versioned, validated JSON (imports msgspec only)."""
 
 from schemas.latency import (
+    HEAD_LETTERS,
     LATENCY_VARIANTS,
     Latency,
     effective_seconds,
@@ -18,6 +19,7 @@ from schemas.plan import (
     CfgMode,
     Costs,
     CfgOrder,
+    HeadCell,
     Layer,
     LayerKind,
     Method,
@@ -30,9 +32,12 @@ from schemas.plan import (
     WindowShape,
     cfg_mode_of,
     check_plan,
+    cell_cost,
     config_hash,
     decode_plan,
     encode_plan,
+    head_cells,
+    head_cost,
     json_schema,
     layer_weight,
     method_cost,
@@ -57,6 +62,11 @@ from schemas.profile import (
 from schemas.windows import Tiles1d, Tiles2d, Tiles3d, keys_per_query, tile_span, tile_start
 
 __all__ = [
+    "HEAD_LETTERS",
+    "HeadCell",
+    "cell_cost",
+    "head_cells",
+    "head_cost",
     "LATENCY_VARIANTS",
     "Latency",
     "effective_seconds",

@@ -16,6 +16,9 @@ LATENCY_VARIANTS: tuple[str, ...] = (
     "full", "full_refresh", "asc", "asc_refresh", "wars", "wars_asc", "ast", "forecast",
 )  # fmt: skip
 CFG_VARIANTS = ("asc", "asc_refresh", "wars_asc")
+# per-head cells (schema version 5): one letter per head, the method that head runs
+HEAD_LETTERS = {"f": "full", "w": "wars", "a": "ast"}
+Heads = dict[tuple[int, int], str]  # (step, layer) -> one method letter per head
 COMPUTES_FULL = ("full", "asc")
 USES_RESIDUAL = ("wars", "wars_asc")
 
@@ -56,24 +59,32 @@ def variant_grid(methods: list[list[str]]) -> list[list[str]]:
     ]
 
 
-def time_fraction(methods: list[list[str]], latency: Latency) -> float:
+def time_fraction(methods: list[list[str]], latency: Latency, heads: Heads | None = None) -> float:
     """Predicted time of the grid's attention layers, over the same grid all ``full``.
 
     Each layer-step costs its variant's seconds, which include the layer's other work
-    (``planner/latency.py``), so the fraction is that of the whole transformer.
+    (``planner/latency.py``), so the fraction is that of the whole transformer. A per-head
+    cell of ``heads`` costs the mean of its heads' methods' seconds (heads' shares).
     """
     seconds = latency.seconds
-    total = sum(seconds[v] for row in variant_grid(methods) for v in row)
+    total = 0.0
+    for t, row in enumerate(variant_grid(methods)):
+        for i, v in enumerate(row):
+            letters = heads.get((t, i)) if heads else None
+            total += seconds[v] if letters is None else sum(seconds[HEAD_LETTERS[c]] for c in letters) / len(letters)
     base = seconds["full"] * sum(len(row) for row in methods)
     return total / base if base else 1.0
 
 
-def check_latency(latency: Latency, methods: list[list[str]], cfg: bool) -> str | None:
+def check_latency(
+    latency: Latency, methods: list[list[str]], cfg: bool, heads: Heads | None = None
+) -> str | None:
     """The first problem of ``latency`` for this grid, as ``field: reason``; ``None`` if none."""
     for variant, value in latency.seconds.items():
         if not math.isfinite(value):
             return f"seconds.{variant}: must be finite (got {value!r})"
     needed = {v for row in variant_grid(methods) for v in row} | {"full"}
+    needed |= {HEAD_LETTERS[c] for letters in (heads or {}).values() for c in letters}
     missing = sorted(needed - set(latency.seconds), key=LATENCY_VARIANTS.index)
     if missing:
         return f"seconds: no figure for {missing[0]!r}, which the grid runs"

@@ -15,11 +15,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from schemas.latency import Latency, check_latency, time_fraction
+from schemas.latency import HEAD_LETTERS, Heads, Latency, check_latency, time_fraction
 from schemas.windows import TILED, Tiles1d, Tiles2d, Tiles3d, tiled_name, tiled_pairs, tiles_problem
 
-SCHEMA_VERSION = 4  # 2: tiled windows (schemas/windows.py); 3: joint layers, CFG modes; 4: forecast
-READABLE_VERSIONS = (1, 2, 3, 4)
+SCHEMA_VERSION = 5  # 2: tiled windows (schemas/windows.py); 3: joint layers, CFG modes; 4: forecast; 5: heads
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 Method = Literal["full", "wars", "ast", "asc", "wars_asc", "forecast"]
 METHODS: tuple[str, ...] = ("full", "wars", "ast", "asc", "wars_asc", "forecast")
@@ -172,6 +172,19 @@ class Costs(Struct, forbid_unknown_fields=True, frozen=True):
     other: Annotated[float, Meta(ge=0.0)]
 
 
+class HeadCell(Struct, forbid_unknown_fields=True, frozen=True):
+    """Per-head methods of one ``wars`` layer-step (schema version 5).
+
+    ``methods`` has one letter per head: ``f`` full attention, ``w`` the window plus the
+    head's part of the layer's residual, ``a`` the head's output (before the output
+    projection) of the layer's last computed step. Heads of one letter run together.
+    """
+
+    step: NonNegInt
+    layer: NonNegInt
+    methods: Annotated[str, Meta(pattern="^[fwa]+$", max_length=MAX_HEADS)]
+
+
 class Summary(Struct, forbid_unknown_fields=True, frozen=True):
     """Figures derived from the grid; checked against it on decode.
 
@@ -203,6 +216,8 @@ class Plan(Struct, forbid_unknown_fields=True, frozen=True):
     ``t`` (``runtime/feedforward.py``): ``compute``; ``reuse``, its last computed output;
     ``forecast``, its last two extrapolated to this step's timestep, first order.
     ``costs`` gives the FLOPs the summary's transformer fraction weighs by.
+    ``heads`` (schema version 5) refines ``wars`` cells per head (``HeadCell``); a cell
+    not listed runs its method on every head.
     """
 
     schema_version: int
@@ -219,14 +234,27 @@ class Plan(Struct, forbid_unknown_fields=True, frozen=True):
     latency: Latency | None = None
     ffn: list[list[FfnMethod]] | None = None
     costs: Costs | None = None
+    heads: list[HeadCell] | None = None
+
+
+def head_cells(plan: Plan) -> dict[tuple[int, int], str]:
+    """The plan's per-head cells: ``(step, layer)`` -> one method letter per head."""
+    return {(c.step, c.layer): c.methods for c in plan.heads or ()}
+
+
+def head_cost(letters: str, num_tokens: int, window: WindowShape, text_tokens: int = 0) -> float:
+    """Attention FLOPs of a per-head cell as a fraction of full: the mean of its heads' costs."""
+    costs = {c: method_cost(m, num_tokens, window, text_tokens) for c, m in HEAD_LETTERS.items()}
+    return sum(costs[c] for c in letters) / len(letters)
 
 
 def with_latency(plan: Plan, latency: Latency | None) -> Plan:
     """``plan`` carrying ``latency`` and the time fraction it predicts for the grid."""
-    problem = check_latency(latency, plan.methods, plan.sampling.cfg) if latency is not None else None
+    heads = head_cells(plan)
+    problem = check_latency(latency, plan.methods, plan.sampling.cfg, heads) if latency is not None else None
     if problem is not None:
         raise PlanError(f"$.latency.{problem}")
-    fraction = time_fraction(plan.methods, latency) if latency is not None else None
+    fraction = time_fraction(plan.methods, latency, heads) if latency is not None else None
     summary = msgspec.structs.replace(plan.summary, time_fraction=fraction)
     return msgspec.structs.replace(plan, latency=latency, summary=summary)
 
@@ -256,13 +284,12 @@ def flops_fractions(plan: Plan) -> tuple[float | None, float | None]:
     ffn = (ffn_kept / ffn_full if ffn_full else 1.0) if ffn_grid is not None else None
     if costs is None:
         return ffn, None
-    layers = plan_layers(plan)
+    layers, heads = plan_layers(plan), head_cells(plan)
     kept = steps * costs.other + ffn_kept
     full = steps * (costs.other + sum(costs.attention) + sum(costs.projections)) + ffn_full
-    for row in plan.methods:
+    for t, row in enumerate(plan.methods):
         for i, m in enumerate(row):
-            x = layers[i]
-            kept += costs.attention[i] * method_cost(m, x.num_tokens, x.window, x.text_tokens)
+            kept += costs.attention[i] * cell_cost(m, layers[i], heads.get((t, i)))
             kept += costs.projections[i] * PROJECTED[m]
     return ffn, (kept / full if full else 1.0)
 
@@ -315,6 +342,14 @@ def method_cost(method: str, num_tokens: int, window: WindowShape, text_tokens: 
     return {"full": 1.0, "asc": 0.5, "wars": band, "wars_asc": band / 2, "ast": 0.0, "forecast": 0.0}[method]
 
 
+def cell_cost(method: str, layer: Layer, letters: str | None = None) -> float:
+    """Attention FLOPs of one layer-step as a fraction of full: ``method``'s, or with
+    per-head ``letters`` the mean of the heads' (``head_cost``)."""
+    if letters is not None:
+        return head_cost(letters, layer.num_tokens, layer.window, layer.text_tokens)
+    return method_cost(method, layer.num_tokens, layer.window, layer.text_tokens)
+
+
 def layer_weight(layer: Layer) -> int:
     """Full attention FLOPs of one layer per sample, in units of query-key pairs."""
     total = layer.num_tokens + layer.text_tokens
@@ -322,21 +357,23 @@ def layer_weight(layer: Layer) -> int:
 
 
 def summarize(
-    methods: list[list[str]], num_tokens: int, window: WindowShape, layers: list[Layer] | None = None
+    methods: list[list[str]],
+    num_tokens: int,
+    window: WindowShape,
+    layers: list[Layer] | None = None,
+    heads: Heads | None = None,
 ) -> Summary:
-    """Attention FLOPs kept (weighted by each layer's full cost) and method counts for a grid."""
+    """Attention FLOPs kept (weighted by each layer's full cost) and method counts for a
+    grid; a per-head cell of ``heads`` (counted under its grid method) at its heads' mean."""
     counts = {m: 0 for m in METHODS}
     kept = total = 0.0
-    for row in methods:
+    uniform = Layer("spatial", num_tokens, window)
+    for t, row in enumerate(methods):
         for i, m in enumerate(row):
             counts[m] += 1
-            if layers is not None and i < len(layers):
-                weight = layer_weight(layers[i])
-                layer = layers[i]
-                kept += weight * method_cost(m, layer.num_tokens, layer.window, layer.text_tokens)
-            else:
-                weight = 1
-                kept += method_cost(m, num_tokens, window)
+            layer = layers[i] if layers is not None and i < len(layers) else None
+            weight = layer_weight(layer) if layer is not None else 1
+            kept += weight * cell_cost(m, layer or uniform, heads.get((t, i)) if heads else None)
             total += weight
     fraction = kept / total if total else 1.0
     return Summary(attention_flops_fraction=fraction, method_counts=counts)
@@ -426,7 +463,7 @@ def encode_plan(plan: Plan) -> bytes:
     check_plan(plan)
     fields = []
     for key, value in msgspec.to_builtins(plan).items():
-        if key in ("methods", "losses") and value is not None:
+        if key in ("methods", "losses", "heads") and value is not None:
             rows = ",\n    ".join(msgspec.json.encode(row).decode() for row in value)
             text = f"[\n    {rows}\n  ]"
         else:
@@ -479,7 +516,8 @@ def check_plan(plan: Plan) -> None:
             for i, loss in enumerate(row):
                 if loss is not None and not math.isfinite(loss):
                     raise PlanError(f"$.losses[{t}][{i}]: must be finite (got {loss!r})")
-    expected = summarize(plan.methods, plan.tokens.num_tokens, plan.window, plan.layers)
+    _check_heads(plan)
+    expected = summarize(plan.methods, plan.tokens.num_tokens, plan.window, plan.layers, head_cells(plan))
     for method in METHODS:
         got = plan.summary.method_counts.get(method, 0)
         if got != expected.method_counts[method]:
@@ -497,16 +535,46 @@ def check_plan(plan: Plan) -> None:
         )
 
 
+def _check_heads(plan: Plan) -> None:
+    """Per-head cells (version 5): each refines a ``wars`` cell, one letter per head, in
+    (step, layer) order, and is not all ``w`` (that is the plain ``wars`` cell)."""
+    if plan.heads is None:
+        return
+    if plan.schema_version < 5:
+        raise PlanError(f"$.heads: needs schema_version 5 (got {plan.schema_version})")
+    previous = None
+    for k, cell in enumerate(plan.heads):
+        field = f"$.heads[{k}]"
+        if cell.step >= len(plan.methods) or cell.layer >= plan.model.num_layers:
+            raise PlanError(
+                f"{field}: step {cell.step}, layer {cell.layer} is outside the "
+                f"{len(plan.methods)} x {plan.model.num_layers} grid"
+            )
+        if previous is not None and (cell.step, cell.layer) <= previous:
+            raise PlanError(f"{field}: cells must be in (step, layer) order, each once")
+        previous = cell.step, cell.layer
+        method = plan.methods[cell.step][cell.layer]
+        if method != "wars":
+            raise PlanError(f"{field}: per-head methods refine a 'wars' cell, $.methods[{cell.step}][{cell.layer}] is {method!r}")
+        if len(cell.methods) != plan.model.num_heads:
+            raise PlanError(
+                f"{field}.methods: {len(cell.methods)} letters, model.num_heads is {plan.model.num_heads}"
+            )
+        if set(cell.methods) == {"w"}:
+            raise PlanError(f"{field}.methods: every head runs 'wars'; that is the plain 'wars' cell")
+
+
 def _check_time(plan: Plan) -> None:
     got = plan.summary.time_fraction
     if plan.latency is None:
         if got is not None:
             raise PlanError("$.summary.time_fraction: a predicted time needs $.latency")
         return
-    problem = check_latency(plan.latency, plan.methods, plan.sampling.cfg)
+    heads = head_cells(plan)
+    problem = check_latency(plan.latency, plan.methods, plan.sampling.cfg, heads)
     if problem is not None:
         raise PlanError(f"$.latency.{problem}")
-    expected = time_fraction(plan.methods, plan.latency)
+    expected = time_fraction(plan.methods, plan.latency, heads)
     if got is None or not math.isclose(got, expected, rel_tol=1e-9):
         raise PlanError(f"$.summary.time_fraction: says {got}, the grid and $.latency give {expected:.12g}")
 

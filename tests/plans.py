@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from schemas import SCHEMA_VERSION, Layer, ModelInfo, Plan, Sampling, Tokens, config_hash, summarize
+from schemas import SCHEMA_VERSION, HeadCell, Layer, ModelInfo, Plan, Sampling, Tokens, config_hash, summarize
 
 
 def plan_for(
@@ -17,8 +17,10 @@ def plan_for(
     cfg_order: str | None = "uncond_cond",
     layers: list[Layer] | None = None,
     frames: int | None = None,
+    heads: dict[tuple[int, int], str] | None = None,
 ) -> Plan:
-    """A plan with ``methods`` that matches ``model`` (a tiny diffusers transformer)."""
+    """A plan with ``methods`` (and per-head cells ``heads``) that matches ``model`` (a tiny
+    diffusers transformer)."""
     attn = model.transformer_blocks[0].attn1
     return Plan(
         schema_version=SCHEMA_VERSION,
@@ -40,8 +42,9 @@ def plan_for(
         ),
         window=window,
         methods=methods,
-        summary=summarize(methods, num_tokens, window, layers),
+        summary=summarize(methods, num_tokens, window, layers, heads),
         layers=layers,
+        heads=[HeadCell(t, i, letters) for (t, i), letters in sorted(heads.items())] if heads else None,
     )
 
 

@@ -209,3 +209,17 @@ def test_without_the_planner_extra_the_command_says_what_to_install():
     result = run_cli(["--help"], {}, prelude="import sys; sys.modules['typer'] = None; ")
     assert result.returncode == 1
     assert result.stderr.strip() == "planner needs the planner extra: pip install 'ditfastattn[planner]'"
+
+
+def test_show_marks_per_head_cells_and_counts_their_heads(tmp_path):
+    from schemas import encode_plan
+    from tests.schemas.test_heads import head_plan
+
+    path = tmp_path / "heads.json"
+    path.write_bytes(encode_plan(head_plan()))
+    shown = invoke("show", path, columns=160)
+    assert shown.exit_code == 0, shown.output
+    assert "1  HWA" in shown.stdout and "2  WFH" in shown.stdout
+    assert "2 of the 'wars' cells (H in the grid); their 6 heads: full 16.7 %, wars 33.3 %, ast 50.0 %" in shown.stdout
+    facts = json.loads(invoke("show", "--json", path).stdout)
+    assert facts["heads"] == {"cells": 2, "full": 1, "wars": 2, "ast": 3}

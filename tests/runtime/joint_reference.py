@@ -98,8 +98,13 @@ class JointReference:
     layers are told theirs, as the plan tells the runtime).
     """
 
-    def __init__(self, methods: list[list[str]], windows: list[Any], texts: list[int], cfg_mode: str) -> None:
+    def __init__(
+        self, methods: list[list[str]], windows: list[Any], texts: list[int], cfg_mode: str,
+        heads: dict[tuple[int, int], str] | None = None,
+    ) -> None:
         self.methods, self.windows, self.texts, self.cfg_mode = methods, windows, texts, cfg_mode
+        self.heads = heads or {}  # per-head cells: (step, layer) -> f/w/a per head
+        self.head_output: dict[tuple[int, int], torch.Tensor] = {}  # per call: the last computed o
         self.step = self.call = 0
         self.residual: dict[tuple[int, int], torch.Tensor] = {}
         self.output: dict[tuple[int, int], Any] = {}
@@ -142,6 +147,7 @@ class JointReference:
             out = self.output[1, layer] = self.shared[layer]
             if method == "asc":
                 self.residual[1, layer] = self.residual[0, layer]
+            self.head_output[1, layer] = self.head_output[0, layer]
             return out
         q, k, v, text, text_first, finish = project(None)
         image = q.shape[-2] - text
@@ -162,8 +168,14 @@ class JointReference:
             self.residual[call, layer] = both(cond(full - win))
         elif method == "wars" or not batched:
             o = win + self.residual[call, layer]
+            for head, letter in enumerate(self.heads.get((self.step, layer), "")):
+                if letter == "f":
+                    o[:, head] = full[:, head]
+                elif letter == "a":
+                    o[:, head] = self.head_output[call, layer][:, head]
         else:
             o = both(cond(win) + cond(self.residual[call, layer]))
+        self.head_output[call, layer] = o
         out = finish(o)
         self.output[call, layer] = out
         if separate and method in ("asc", "wars_asc"):

@@ -8,7 +8,7 @@ import functools
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-from schemas import SCHEMA_VERSION, Layer, ModelInfo, Plan, Sampling, Tokens, config_hash, summarize
+from schemas import SCHEMA_VERSION, HeadCell, Layer, ModelInfo, Plan, Sampling, Tokens, config_hash, summarize
 
 SD3_GRID, SD3_TEXT = (8, 8), 5  # 64 image tokens (patch 1), 5 text tokens
 SD3_KINDS = ["joint", "spatial", "joint", "joint"]  # block 0: attn, attn2 (MMDiT-X); blocks 1, 2
@@ -47,8 +47,12 @@ def geometry(family: str) -> tuple[int, int, list[str]]:
     return FLUX_GRID[0] * FLUX_GRID[1], FLUX_TEXT, FLUX_KINDS
 
 
-def mmdit_plan(model: torch.nn.Module, family: str, methods: list[list[str]], window, cfg_mode: str) -> Plan:
-    """A plan of ``methods`` that fits the tiny ``family`` model, with CFG ``cfg_mode``."""
+def mmdit_plan(
+    model: torch.nn.Module, family: str, methods: list[list[str]], window, cfg_mode: str,
+    heads: dict[tuple[int, int], str] | None = None,
+) -> Plan:
+    """A plan of ``methods`` (and per-head cells ``heads``) that fits the tiny ``family``
+    model, with CFG ``cfg_mode``."""
     tokens, text, kinds = geometry(family)
     layers = [Layer(kind, tokens, window, text_tokens=text if kind == "joint" else 0) for kind in kinds]
     return Plan(
@@ -65,8 +69,9 @@ def mmdit_plan(model: torch.nn.Module, family: str, methods: list[list[str]], wi
         ),
         window=window,
         methods=methods,
-        summary=summarize(methods, tokens, window, layers),
+        summary=summarize(methods, tokens, window, layers, heads),
         layers=layers,
+        heads=[HeadCell(t, i, letters) for (t, i), letters in sorted(heads.items())] if heads else None,
     )
 
 

@@ -34,7 +34,12 @@ class ReferenceRun:
     """Plays a method grid on a model through plain attention processors."""
 
     def __init__(
-        self, methods: list[list[str]], window: Any, cond_first: bool, times: list[float] | None = None
+        self,
+        methods: list[list[str]],
+        window: Any,
+        cond_first: bool,
+        times: list[float] | None = None,
+        heads: dict[tuple[int, int], str] | None = None,
     ) -> None:
         layers = len(methods[0])
         self.times = times if times is not None else [900.0 - 200 * t for t in range(len(methods))]
@@ -44,6 +49,8 @@ class ReferenceRun:
         self.step = 0
         self.residual: dict[int, torch.Tensor] = {}  # [cond rows | all rows] per layer
         self.output: dict[int, torch.Tensor] = {}
+        self.heads = heads or {}  # per-head cells: (step, layer) -> f/w/a per head
+        self.head_output: dict[int, torch.Tensor] = {}  # the last computed per-head output
 
     def cond(self, x: torch.Tensor) -> torch.Tensor:
         half = x.shape[0] // 2
@@ -119,8 +126,15 @@ class _Processor:
             run.residual[layer] = run.both(run.cond(full - win))
         elif method == "wars":
             o = win + run.residual[layer]
+            letters = run.heads.get((run.step, layer))
+            for head, letter in enumerate(letters or ""):
+                if letter == "f":
+                    o[:, head] = full[:, head]
+                elif letter == "a":
+                    o[:, head] = run.head_output[layer][:, head]
         else:  # wars_asc: conditional rows' window plus the conditional rows' residual
             o = run.both(run.cond(win) + run.cond(run.residual[layer]))
+        run.head_output[layer] = o
         out = attn.to_out[0](o.transpose(1, 2).reshape(b, n, -1))
         out = attn.to_out[1](out) / attn.rescale_output_factor
         run.output[layer] = out

@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 import runtime
 from runtime.apply import repeated_blocks, self_attention_layers
 from runtime.schedule import Schedule
-from schemas import Layer
+from schemas import Layer, method_cost
 from tests.plans import plan_for
 from tests.runtime.conftest import step_inputs
 from tests.tiny import FRAMES, tiny_dit_transformer, tiny_latte_transformer, tiny_pixart_transformer
@@ -139,6 +139,30 @@ def test_forecasts_and_feed_forward_reuse_compile_like_eager_without_recompiling
     assert_close_all(second, eager)
     assert compiled_second == 0
     assert stats.method_counts["forecast"] == 2 * 5 and stats.ffn_counts["forecast"] == 2 * 4
+
+
+def test_per_head_cells_compile_like_eager_without_recompiling():
+    """Each head grouping is its own graph (its head indices are constants of the graph)."""
+    model = model_of("pixart")
+    methods = [["full"] * 3, ["wars"] * 3, ["wars", "full", "wars"], ["wars"] * 3]
+    heads = {(1, 0): "fw", (1, 2): "af", (2, 0): "wa", (3, 1): "aw", (3, 2): "af"}
+    plan = plan_for(model, methods, cfg_order="uncond_cond", heads=heads)
+    with runtime.apply(plan, model) as handle:
+        eager = generation(model, "pixart", len(methods))
+        eager_stats = handle.stats()
+    with compiles() as seen, runtime.apply(plan, model, compile={"backend": BACKEND}) as handle:
+        first = generation(model, "pixart", len(methods))
+        compiled_first = len(seen.ids)
+        handle.reset()
+        second = generation(model, "pixart", len(methods))
+        compiled_second = len(seen.ids) - compiled_first
+    assert_close_all(first, eager)
+    assert_close_all(second, eager)
+    assert compiled_second == 0
+    assert eager_stats.head_cells == len(heads)
+    refreshes = eager_stats.residual_refreshes * method_cost("wars", 64, plan.window) / 12  # four, each a window
+    assert eager_stats.residual_refreshes == 4
+    assert eager_stats.attention_flops_fraction == pytest.approx(plan.summary.attention_flops_fraction + refreshes)
 
 
 def test_latte_spatial_and_temporal_blocks_compile_per_window_and_kind():

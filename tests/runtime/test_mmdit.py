@@ -30,17 +30,17 @@ CASES = [(family, mode) for family, modes in MODES.items() for mode in modes]
 TILES = {"sd3": Tiles2d(SD3_GRID, (4, 4), 0), "flux": Tiles2d(FLUX_GRID, (2, 2), 0)}
 
 
-def reference_outputs(family: str, methods, window, mode: str) -> list[torch.Tensor]:
+def reference_outputs(family: str, methods, window, mode: str, heads=None) -> list[torch.Tensor]:
     model = float64_model(family)
     tokens, text, kinds = geometry(family)
     texts = [text if kind == "joint" else 0 for kind in kinds]
-    ref = JointReference(methods, [window] * LAYERS, texts, mode)
+    ref = JointReference(methods, [window] * LAYERS, texts, mode, heads)
     return ref.outputs(model, lambda t: step_calls(family, t, mode))
 
 
-def runtime_outputs(family: str, methods, window, mode: str, kernel: str = "auto") -> list[torch.Tensor]:
+def runtime_outputs(family: str, methods, window, mode: str, kernel: str = "auto", heads=None) -> list[torch.Tensor]:
     model = float64_model(family)
-    with runtime.apply(mmdit_plan(model, family, methods, window, mode), model, kernel=kernel):
+    with runtime.apply(mmdit_plan(model, family, methods, window, mode, heads), model, kernel=kernel):
         return run_calls(model, family, len(methods), mode)
 
 
@@ -63,6 +63,25 @@ def test_every_method_matches_float64_reference_with_arrow_band(family, mode, da
     assert len(got) == len(expected)
     for i, (a, b) in enumerate(zip(got, expected)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"call {i} of {methods}, window {window}")
+
+
+@pytest.mark.parametrize(("family", "mode"), CASES)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_per_head_cells_match_float64_reference(family, mode, data):
+    """Per-head cells on joint layers, with CFG batched, in separate calls (each call its own
+    per-head output; the unconditional call of a shared step takes the conditional one's) or none."""
+    tokens = geometry(family)[0]
+    methods = data.draw(grids(cfg=mode != "none"))
+    methods[-1] = ["wars"] * LAYERS
+    letters = st.text("fwa", min_size=2, max_size=2).filter(lambda x: x != "ww")
+    heads = {(t, i): data.draw(letters) for t, row in enumerate(methods) for i, m in enumerate(row)
+             if m == "wars" and data.draw(st.booleans())}  # fmt: skip
+    window = data.draw(st.integers(1, tokens - 1))
+    expected = reference_outputs(family, methods, window, mode, heads)
+    got = runtime_outputs(family, methods, window, mode, heads=heads)
+    for n, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"call {n} of {methods} {heads}")
 
 
 @pytest.mark.parametrize(("family", "mode"), CASES)

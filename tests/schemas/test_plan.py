@@ -104,11 +104,11 @@ def test_sharing_needs_cfg():
         decode_doc(doc)
 
 
-@pytest.mark.parametrize("version", [0, 5, "1", None])
+@pytest.mark.parametrize("version", [0, 6, "1", None])
 def test_unknown_schema_version_says_what_this_build_reads(version):
     doc = as_doc(make_plan())
     doc["schema_version"] = version
-    with pytest.raises(PlanError, match=r"\$\.schema_version: .*(reads version 1, 2, 3, 4|missing)"):
+    with pytest.raises(PlanError, match=r"\$\.schema_version: .*(reads version 1, 2, 3, 4, 5|missing)"):
         decode_doc(doc)
 
 
