@@ -196,6 +196,12 @@ def build(
         help="With a profile: share each step's error budget by how far that step's errors move the "
         "final image, as the profile measured (default: off; it wins on dit-digits, not on pixart-digits).",
     ),
+    heads: bool | None = typer.Option(
+        None,
+        "--heads/--no-heads",
+        help="With a profile: a window step may also run full, window or reuse per head, as the "
+        "profile's per-head distances allow (default: off).",
+    ),
     latency: bool | None = typer.Option(
         None,
         "--latency/--no-latency",
@@ -442,7 +448,7 @@ def run_profile_search(pipe: Any, request: BuildRequest, settings: BuildSettings
     start = time.perf_counter()
     plan = compile_plan(
         result.profile, settings.delta, combine=settings.combine, objective=settings.objective,
-        weighted=settings.step_weights, ffn=settings.ffn,
+        weighted=settings.step_weights, ffn=settings.ffn, heads=settings.heads,
     )
     seconds = result.seconds + time.perf_counter() - start
     distributed.barrier()  # raises if another rank failed: then nothing is written
@@ -464,7 +470,7 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
     from planner.output import check_writable, write_plan
     from planner.report import build_summary
 
-    allowed = ("model", "delta", "output", "combine", "objective", "ffn", "step_weights")
+    allowed = ("model", "delta", "output", "combine", "objective", "ffn", "step_weights", "heads")
     fixed = [k for k, v in options.items() if v is not None and k not in allowed]
     if fixed:
         name = fixed[0].replace("_", "-")
@@ -485,7 +491,8 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
     start = time.perf_counter()
     weighted = bool(options["step_weights"])
     plan = compile_plan(
-        profile_data, options["delta"], combine=combine, objective=objective, weighted=weighted, ffn=bool(options["ffn"])
+        profile_data, options["delta"], combine=combine, objective=objective, weighted=weighted, ffn=bool(options["ffn"]),
+        heads=bool(options["heads"]),
     )
     seconds = time.perf_counter() - start
     if options["model"] is not None:
@@ -522,6 +529,9 @@ def sweep(
         "--step-weights/--no-step-weights",
         help="Share each step's error budget by its measured effect on the final image (default: off).",
     ),
+    heads: bool = typer.Option(
+        False, "--heads/--no-heads", help="Also choose full, window or reuse per head of a layer-step (profile schema 5)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Compile one plan per δ from a profile and tabulate the attention FLOPs each keeps."""
@@ -548,7 +558,8 @@ def sweep(
         profile_data = load_profile(from_profile)
         start = time.perf_counter()
         plans = compile_plans(
-            profile_data, values, combine=combine, objective=objective, weighted=step_weights, ffn=ffn  # type: ignore[arg-type]
+            profile_data, values, combine=combine, objective=objective, weighted=step_weights, ffn=ffn,  # type: ignore[arg-type]
+            heads=heads,
         )
         seconds = time.perf_counter() - start
         if model is not None:

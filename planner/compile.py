@@ -21,21 +21,40 @@ independent errors, which usually keeps less attention at the same δ. Here
   mean over the probed methods: the share of a layer's error that reaches the output.
 
 To make the plan monotone in δ, the rule is evaluated at every δ' = 1 − k/1000 with
-δ' ≥ δ, and the plan of the least cost is chosen (each satisfies δ's budgets, which only
-widen as δ falls). So δ = 1 gives the all-``full`` plan, lower δ never costs more, and δ
+δ' ≥ δ, and the plan of the least cost is chosen (each satisfies δ's budgets, which
+only widen as δ falls; with ``heads`` each δ' also offers its plan without per-head
+cells). So δ = 1 gives the all-``full`` plan, lower δ never costs more, and δ
 counts to 0.001. The cost is the objective: ``flops``, the attention FLOPs kept, or
 ``time``, the time predicted from the latencies the profile measured (the default when
 it has them). With latencies, a method that is not faster than ``full`` on the measured
 device is never a candidate, and ``time`` tries the candidates fastest first.
+
+With ``heads`` (profiles of schema version 5, which measured ``head_ast``/``head_wars``),
+an attention unit whose kept method is ``full`` or ``wars``, whose residual comes from a
+``full`` step, may become a per-head cell (``Plan.heads``): each head ``h`` runs ``f``
+(distance 0, cost 1), ``w`` (distance ``head_wars[t][i][h] × r_w``, the layer's ``wars``
+cost) or ``a`` (distance ``head_ast[t][i][h] × r_a``, cost 0; costs in the objective's
+units, relative to ``full``). ``r_w = d_wars(t, i, lag) / d_wars(t, i, 1)`` with the
+residual's age and ``r_a = d_ast(t, i, lag) / d_ast(t, i, 1)`` with the age of the
+layer's last computed output rescale the lag-1 head figures (1 where undefined or zero).
+The cell's own loss is ``gain_wars[t][i] × sqrt(Σ_h d_h²)`` (independent heads), combined
+with the step's running loss as above. The letters are chosen greedily: from all ``f``,
+the move (``f→w``, ``f→a``, ``w→a``) that saves the most cost per unit of added squared
+distance, while the total fits; of the states it went through, the last one that is
+neither all ``w`` (the plain ``wars`` cell) nor all ``a`` (that is ``ast``, whose own
+measured distance decided it) and is strictly cheaper than the method kept is taken.
+The cell is a computed step for later ``ast`` and ``forecast`` and leaves the residual's
+step unchanged.
 Pure Python: no model, no torch.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -44,7 +63,9 @@ import msgspec
 
 from planner.errors import bad_input
 from schemas import (
+    HEAD_LETTERS,
     METHODS,
+    HeadCell,
     Plan,
     Profile,
     ProfileError,
@@ -73,6 +94,9 @@ COMBINE: tuple[str, ...] = ("sum", "rss")
 Objective = Literal["time", "flops", "transformer"]
 OBJECTIVES: tuple[str, ...] = ("time", "flops", "transformer")
 SEARCH_NAMES = {"sum": "profile", "rss": "profile-rss"}  # the plan's calibration.search
+Heads = dict[tuple[int, int], str]  # (step, layer) -> one method letter per head
+# one state of a per-head cell's greedy: (letters, mean cost, Σ d², max Σ d² up to it)
+HeadState = tuple[str, float, float, float]
 
 
 def tool_version() -> str:
@@ -86,12 +110,14 @@ def tool_version() -> str:
 @dataclass(frozen=True)
 class Choice:
     """The methods of one compiled grid (and its feed-forward grid, when compiled with one),
-    the predicted loss of each kept decision, and its cost."""
+    the predicted loss of each kept decision, its cost, and its per-head cells
+    (``(step, layer)`` -> letters; their grid method is ``wars``)."""
 
     methods: list[list[str]]
     losses: list[list[float | None]]
     cost: float
     ffn: list[list[str]] | None = None
+    heads: Heads = field(default_factory=dict)
 
 
 class Predictor:
@@ -105,9 +131,11 @@ class Predictor:
         weighted: bool = False,
         ffn: bool = False,
         power: float = STEP_WEIGHT_POWER,
+        heads: bool = False,
     ) -> None:
         self.profile = profile
         m = profile.measurements
+        self.heads = heads and m.head_ast is not None and m.head_wars is not None
         self.ffn_layers = len(m.ffn_reuse[0]) if ffn and m.ffn_reuse else 0
         self.steps, self.layers, self.lags = profile.sampling.num_steps, profile.model.num_layers, profile.lags
         candidates = tuple(
@@ -139,6 +167,16 @@ class Predictor:
         self.weights = [1.0] * self.steps
         if weighted and m.step_weight is not None:
             self.weights = [1.0 if w is None else w**power for w in m.step_weight]
+        # per layer, each head letter's cost relative to full, in the objective's units
+        if objective == "time" and profile.latency is not None:
+            seconds = profile.latency.seconds
+            units = {c: seconds[m] / seconds["full"] if seconds["full"] else 1.0 for c, m in HEAD_LETTERS.items()}
+            self.head_units = [units for _ in range(self.layers)]
+        else:
+            self.head_units = [
+                {c: x[m] / x["full"] if x["full"] else 1.0 for c, m in HEAD_LETTERS.items()} for x in self.costs
+            ]
+        self._head_states: dict[tuple[int, int, int, int], list[HeadState]] = {}
 
     def forecast_loss(self, t: int, i: int, a: int, b: int) -> float | None:
         """Predicted output loss of ``forecast`` at ``(t, i)`` from the outputs of steps ``a > b``."""
@@ -197,15 +235,86 @@ class Predictor:
         lags = [0] if measure == "asc" else range(t + 1)
         return [None if gain is None or (d := self.distance(measure, t, i, lag)) is None else gain * d for lag in lags]
 
-    def cost(self, methods: list[list[str]], ffn: list[list[str]] | None = None) -> float:
+    def cost(self, methods: list[list[str]], ffn: list[list[str]] | None = None, heads: Heads | None = None) -> float:
         """The objective of a grid: its attention FLOPs, the transformer's FLOPs (with the
-        feed-forward grid ``ffn``) or its predicted time, as a fraction."""
+        feed-forward grid ``ffn``) or its predicted time, as a fraction; the per-head cells
+        ``heads`` at their heads' mean cost."""
         if self.objective == "time":
-            return time_fraction(methods, self.profile.latency)
+            return time_fraction(methods, self.profile.latency, heads or None)
         if self.objective == "transformer":
-            plan = msgspec.structs.replace(header_plan(self.profile), methods=methods, ffn=ffn)
+            cells = [HeadCell(t, i, letters) for (t, i), letters in sorted(heads.items())] if heads else None
+            plan = msgspec.structs.replace(header_plan(self.profile), methods=methods, ffn=ffn, heads=cells)
             return flops_fractions(plan)[1]
-        return _flops(self.costs, methods)
+        return _flops(self.costs, methods, heads)
+
+    def head_cell(
+        self, t: int, i: int, kept: str, wars_lag: int, ast_lag: int, so_far: float, limit: float, combine: Combine
+    ) -> tuple[str, float] | None:
+        """The per-head cell at ``(t, i)`` replacing ``kept`` (``full`` or ``wars``) and its total
+        loss with the step's running loss ``so_far``, the residual ``wars_lag`` and the last
+        computed output ``ast_lag`` steps old; ``None`` when none fits or it saves nothing."""
+        gain = self.gains[t][i].get("wars")
+        if gain is None or not math.isfinite(gain):
+            return None
+        states = self._head_sequence(t, i, wars_lag, ast_lag)
+
+        def total(d2: float) -> float:
+            alone = gain * math.sqrt(d2)
+            return so_far + alone if combine == "sum" else math.hypot(so_far, alone)
+
+        fits = bisect.bisect_left(states, True, key=lambda state: total(state[3]) > limit)
+        bound = self.head_units[i][{"full": "f", "wars": "w"}[kept]]
+        for letters, cost, d2, _ in reversed(states[:fits]):  # the cheapest fitting state first
+            if cost >= bound:
+                return None
+            if len(set(letters)) > 1:  # all w is the plain wars cell, all a is ast
+                return letters, total(d2)
+        return None
+
+    def _ratio(self, measure: str, t: int, i: int, lag: int) -> float:
+        """``d(t, i, lag) / d(t, i, 1)``: 1 where either is undefined or zero."""
+        base, value = self.distance(measure, t, i, 1), self.distance(measure, t, i, lag)
+        return value / base if base and value is not None and math.isfinite(value / base) else 1.0
+
+    def _head_sequence(self, t: int, i: int, wars_lag: int, ast_lag: int) -> list[HeadState]:
+        """The states of the per-head greedy at ``(t, i)`` (a cached function of the caches' ages):
+        from all ``f``, each best move in turn, until no move saves cost."""
+        key = (t, i, wars_lag, ast_lag)
+        if key in self._head_states:
+            return self._head_states[key]
+        m = self.profile.measurements
+        r_w, r_a = self._ratio("wars", t, i, wars_lag), self._ratio("ast", t, i, ast_lag)
+        dist = {
+            "w": [None if d is None else d * r_w for d in m.head_wars[t][i]],
+            "a": [None if d is None else d * r_a for d in m.head_ast[t][i]],
+        }
+        units = self.head_units[i]
+        heads = len(dist["w"])
+        letters, d2 = ["f"] * heads, [0.0] * heads
+        cost, total, peak = float(heads), 0.0, 0.0
+        states: list[HeadState] = []
+        while True:
+            best = None
+            for h in range(heads):
+                for target in ("w", "a"):
+                    d = dist[target][h]
+                    saving = units[letters[h]] - units[target]
+                    if d is None or letters[h] == target or letters[h] == "a" or saving <= 0.0:
+                        continue
+                    added = d * d - d2[h]
+                    rank = (math.inf if added <= 0.0 else saving / added, saving)
+                    if best is None or rank > best[0]:
+                        best = rank, h, target, added
+            if best is None:
+                break
+            _, h, target, added = best
+            cost -= units[letters[h]] - units[target]
+            letters[h], d2[h] = target, d2[h] + added
+            total = sum(d2)
+            peak = max(peak, total)
+            states.append(("".join(letters), cost / heads, total, peak))
+        self._head_states[key] = states
+        return states
 
     def units(self) -> list[tuple[str, int]]:
         """The order a step spends its budget in: attention layer ``i`` at depth ``(i + ½) / L``,
@@ -235,17 +344,19 @@ class Predictor:
         return row[lag] if 0 <= lag < len(row) else None
 
 
-def _rule(predictor: Predictor, budget: float, combine: Combine) -> Choice:
+def _rule(predictor: Predictor, budget: float, combine: Combine, *, with_heads: bool = True) -> Choice:
     """The greedy rule on predicted losses with ``budget`` = 1 − δ.
 
     Per step the units (attention layers, and feed-forward layers when compiled with them,
     interleaved by depth: ``Predictor.units``) spend the step's budget in order, unit ``u``
-    of ``U`` up to ``(u + 1) / U`` of it.
+    of ``U`` up to ``(u + 1) / U`` of it. Per-head cells are tried when the predictor has
+    per-head figures and ``with_heads``.
     """
     p, table, layers = predictor, predictor.table, predictor.layers
     methods = [["full"] * layers for _ in range(p.steps)]
     losses: list[list[float | None]] = [[None] * layers for _ in range(p.steps)]
     ffn = [["compute"] * p.ffn_layers for _ in range(p.steps)]
+    heads: Heads = {}
     computed = [0] * layers  # last step that computed this layer's output (ast source)
     before = [-1] * layers  # the computed step before it (forecast's second source)
     source = [0] * layers  # last full/asc step: the residual's step
@@ -278,13 +389,22 @@ def _rule(predictor: Predictor, budget: float, combine: Combine) -> Choice:
                     measure = "wars_after_asc" if c == "wars" and after_asc[i] else c
                     row, lag = table[measure][t][i], t - source[i]
                 options[c] = row[lag] if lag < len(row) else None
+            previous = so_far
             kept, so_far = _cheapest_fit(options, so_far, limit, combine, "full")
             methods[t][i], losses[t][i] = kept, so_far
+            if with_heads and p.heads and kept in ("full", "wars") and not after_asc[i]:
+                cell = p.head_cell(t, i, kept, t - source[i], t - computed[i], previous, limit, combine)
+                if cell is not None:
+                    heads[t, i], so_far = cell
+                    methods[t][i], losses[t][i] = "wars", so_far
+                    computed[i], before[i] = t, computed[i]  # computed; the residual's step stays
+                    continue
             if kept not in REUSES:
                 computed[i], before[i] = t, computed[i]
             if kept in ("full", "asc"):
                 source[i], after_asc[i] = t, kept == "asc"
-    return Choice(methods, losses, predictor.cost(methods, ffn if p.ffn_layers else None), ffn if p.ffn_layers else None)
+    grid = ffn if p.ffn_layers else None
+    return Choice(methods, losses, predictor.cost(methods, grid, heads), grid, heads)
 
 
 def _cheapest_fit(
@@ -304,10 +424,14 @@ def _cheapest_fit(
     return kept, kept_loss
 
 
-def _flops(costs: list[dict[str, float]], methods: list[list[str]]) -> float:
-    """The grid's attention FLOPs fraction given each layer's cost per method (``summarize``'s figure)."""
+def _flops(costs: list[dict[str, float]], methods: list[list[str]], heads: Heads | None = None) -> float:
+    """The grid's attention FLOPs fraction given each layer's cost per method (``summarize``'s
+    figure); a per-head cell of ``heads`` at its heads' mean cost."""
     total = sum(c["full"] for c in costs) * len(methods)
-    return sum(costs[i][m] for row in methods for i, m in enumerate(row)) / total
+    kept = sum(costs[i][m] for row in methods for i, m in enumerate(row))
+    for (t, i), letters in (heads or {}).items():
+        kept += sum(costs[i][HEAD_LETTERS[c]] for c in letters) / len(letters) - costs[i][methods[t][i]]
+    return kept / total
 
 
 def budget_steps(delta: float) -> int:
@@ -332,6 +456,7 @@ class Compiler:
         weighted: bool = False,
         ffn: bool = False,
         power: float = STEP_WEIGHT_POWER,
+        heads: bool = False,
     ) -> None:
         self.profile = profile
         self.combine: Combine = combine
@@ -343,12 +468,15 @@ class Compiler:
             raise bad_input(f"objective: feed-forward reuse is compiled for --objective transformer (got {objective})")
         if objective == "transformer" and profile.costs is None:
             raise bad_input("objective: the profile has no FLOP counts ($.costs); profile again")
+        if heads and (profile.measurements.head_ast is None or profile.measurements.head_wars is None):
+            raise bad_input("heads: the profile measured no per-head distances; profile again")
         self.ffn = ffn
+        self.heads = heads
         objective = "transformer" if ffn else objective
         self.objective: Objective = objective or ("time" if profile.latency is not None else "flops")
         if self.objective == "time" and profile.latency is None:
             raise bad_input("objective: the profile has no measured latencies; use --objective flops")
-        self.predictor = Predictor(profile, self.objective, weighted=self.weighted, ffn=ffn, power=power)
+        self.predictor = Predictor(profile, self.objective, weighted=self.weighted, ffn=ffn, power=power, heads=heads)
         self._rules: dict[int, Choice] = {}
         self._best: list[Choice] = []  # _best[k]: least FLOPs among rules 0..k
 
@@ -371,17 +499,21 @@ class Compiler:
                 ffn = [["compute"] * p.ffn_layers for _ in range(p.steps)] if p.ffn_layers else None
                 self._rules[k] = Choice(grid, losses, p.cost(grid, ffn), ffn)
             else:
-                self._rules[k] = _rule(p, k / RESOLUTION, self.combine)
+                rule = _rule(p, k / RESOLUTION, self.combine)
+                if p.heads:  # a cell spends budget later layers may save more with: keep the cheaper
+                    plain = _rule(p, k / RESOLUTION, self.combine, with_heads=False)
+                    rule = rule if rule.cost < plain.cost else plain
+                self._rules[k] = rule
         return self._rules[k]
 
     def plan(self, delta: float) -> Plan:
         """The checked plan for δ, with the profile's header facts and predicted losses."""
         choice = self.choice(delta)
-        base = header_plan(self.profile, choice.methods, choice.ffn)
+        base = header_plan(self.profile, choice.methods, choice.ffn, choice.heads)
         weights = "-weighted" if self.power == STEP_WEIGHT_POWER else f"-weighted^{self.power:g}"
         search = SEARCH_NAMES[self.combine] + (weights if self.weighted else "") + (
             {"time": "-time", "transformer": "-transformer"}.get(self.objective, "")
-        )
+        ) + ("-heads" if self.heads else "")
         plan = msgspec.structs.replace(
             base,
             tool_version=tool_version(),
@@ -399,9 +531,10 @@ def compile_plan(
     objective: Objective | None = None,
     weighted: bool = False,
     ffn: bool = False,
+    heads: bool = False,
 ) -> Plan:
     """The plan for ``delta`` compiled from ``profile`` (see the module docstring)."""
-    return Compiler(profile, combine=combine, objective=objective, weighted=weighted, ffn=ffn).plan(delta)
+    return Compiler(profile, combine=combine, objective=objective, weighted=weighted, ffn=ffn, heads=heads).plan(delta)
 
 
 def compile_plans(
@@ -412,9 +545,10 @@ def compile_plans(
     objective: Objective | None = None,
     weighted: bool = False,
     ffn: bool = False,
+    heads: bool = False,
 ) -> list[Plan]:
     """One plan per δ, sharing the work between them."""
-    compiler = Compiler(profile, combine=combine, objective=objective, weighted=weighted, ffn=ffn)
+    compiler = Compiler(profile, combine=combine, objective=objective, weighted=weighted, ffn=ffn, heads=heads)
     return [compiler.plan(d) for d in deltas]
 
 

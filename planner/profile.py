@@ -3,7 +3,9 @@
 The pipeline generates the calibration batch under an all-``full`` plan with the
 runtime in recording mode (``runtime/recording.py``): at every step each layer's
 full output is compared with what ``ast``, ``wars``, ``wars_asc`` and ``asc`` would
-have returned from the caches of up to ``lags`` earlier steps. Before each step's
+have returned from the caches of up to ``lags`` earlier steps, and per head with what
+that head alone running ``ast`` or ``wars`` from the previous step would give
+(``head_ast``, ``head_wars``: per-head plans). Before each step's
 real forward, one trial forward per layer and probed method (default: ``ast``) runs
 that method on that layer alone, as the greedy search would, and its loss against
 the full output gives the layer's gain: how much of a layer error reaches the
@@ -89,8 +91,10 @@ class ProfileSession(ChunkedForward):
         calib_batch: int | None = None,
         progress: ProfileProgress | None = None,
         ffn_layers: int = 0,
+        heads: bool = True,
     ) -> None:
         super().__init__(runner, transformer, calib_batch)
+        self.heads = heads
         self.ffn_layers = ffn_layers
         self.lags = lags
         self.probes = probes
@@ -104,11 +108,11 @@ class ProfileSession(ChunkedForward):
         self.recorders: list[Recorder] = []
 
     def _chunks_made(self, count: int) -> None:
-        self.recorders = [Recorder(self.lags) for _ in range(count)]
+        self.recorders = [Recorder(self.lags, heads=self.heads) for _ in range(count)]
 
     def recorder(self) -> Recorder:
         """All chunks' measurements together, and every rank's in a data-parallel run."""
-        total = Recorder(self.lags)
+        total = Recorder(self.lags, heads=self.heads)
         for recorder in self.recorders:
             total.merge(recorder)
         total.reduce(distributed.sum_floats)
@@ -145,13 +149,16 @@ def profile_model(
     weights: bool = True,
     ffn: bool = True,
     weights_progress: Callable[[int, int], None] | None = None,
+    heads: bool = True,
 ) -> ProfileResult:
     """Profile ``pipe`` on the calibration batch of ``request`` (its δ is not used).
 
     ``progress(step, layer)`` is called once per measured layer-step. With ``weights``,
     the steps' weights on the final result are measured too (``planner/sensitivity.py``;
     ``weights_progress(done, total)`` follows them); with ``ffn``, the feed-forward layers'
-    reuse and forecast, and the gain of each (a ``reuse`` trial per layer and step). The
+    reuse and forecast, and the gain of each (a ``reuse`` trial per layer and step); with
+    ``heads``, the per-head ``head_ast``/``head_wars`` (two output projections per head and
+    layer-step). The
     transformer's FLOPs are counted for ``$.costs`` (``planner/costs.py``). The pipeline is
     left as it was found.
     """
@@ -180,6 +187,7 @@ def profile_model(
             calib_batch=request.calib_batch,
             progress=progress,
             ffn_layers=width,
+            heads=heads,
         )
         start = time.perf_counter()
         with session.attached():
@@ -223,6 +231,8 @@ def profile_model(
             ffn_reuse=ffn_grids["ffn_reuse"],
             ffn_forecast=ffn_grids["ffn_forecast"],
             ffn_loss=session.ffn_losses if width else None,
+            head_ast=grids["head_ast"],
+            head_wars=grids["head_wars"],
         ),
         layers=draft.layers,
         latency=latency,

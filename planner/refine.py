@@ -27,7 +27,7 @@ from planner.calibration import inputs_hash
 from planner.errors import bad_input
 from planner.evaluate import EvalInputs, call_kwargs, match_scheduler
 from planner.registry import ModelSpec
-from schemas import Plan, PlanError, layer_weight, method_cost, plan_layers, summarize
+from schemas import Plan, PlanError, head_cells, layer_weight, method_cost, plan_layers, summarize
 from schemas.latency import refreshed_cells
 from schemas.plan import check_plan, with_figures, with_latency
 
@@ -51,7 +51,7 @@ def executed_attention(plan: Plan) -> float:
     refresh = sum(
         weights[i] * (0.5 if plan.methods[t][i] == "asc" else 1.0)
         * method_cost("wars", layers[i].num_tokens, layers[i].window, layers[i].text_tokens)
-        for t, i in refreshed_cells(plan.methods)
+        for t, i in refreshed_cells(plan.methods, head_cells(plan))
     )  # fmt: skip
     return plan.summary.attention_flops_fraction + refresh / (sum(weights) * len(plan.methods))
 
@@ -91,8 +91,10 @@ def calibration_score(pipe: Any, spec: ModelSpec, like: Plan, prompts: Sequence[
 
 
 def with_methods(plan: Plan, methods: list[list[str]]) -> Plan:
-    """``plan`` with another method grid, its summary, figures and predicted time derived again."""
-    summary = summarize(methods, plan.tokens.num_tokens, plan.window, plan.layers)
+    """``plan`` with another method grid, its summary, figures and predicted time derived again
+    (per-head cells stay where they are: a move that leaves one on a cell not ``wars`` makes
+    an invalid plan, which is never scored)."""
+    summary = summarize(methods, plan.tokens.num_tokens, plan.window, plan.layers, head_cells(plan))
     plan = msgspec.structs.replace(plan, methods=methods, losses=None, summary=summary)
     return with_latency(with_figures(plan), plan.latency)
 
@@ -140,8 +142,8 @@ def refine(
         grid = moved(best.methods, move)
         if grid is None:
             continue
-        candidate = with_methods(best, grid)
         try:
+            candidate = with_methods(best, grid)
             check_plan(candidate)
         except PlanError:
             continue

@@ -5,8 +5,9 @@
 the candidates) and ``f40.json`` (feed-forward reuse too, about 40 % of the transformer's
 FLOPs). "Executed" counts, as the runtime does, the window attention of the steps that
 refresh a ``wars`` residual on top of the plan's own figure. For each target the profile
-compiler gives three plans, with step weights to the power 1, ½ and without them: each the
-plan of the largest δ (on the compiler's 0.001 grid) whose figure is at most the target.
+compiler gives six plans, with step weights to the power 1, ½ and without them, each with
+and without per-head cells: each the plan of the largest δ (on the compiler's 0.001 grid)
+whose figure is at most the target.
 Beside them stand the uniform schedules of ``planner/schedules.py`` at the same target
 (FORA- and TaylorSeer-like: every layer computed on a set of steps, ``ast`` or ``forecast``
 between; with the feed-forward layers too for ``f40``), so that a shipped plan never loses
@@ -16,7 +17,8 @@ on that PSNR (``planner/refine.py``: cost-neutral moves of computed steps, at mo
 ``--evals`` scores, the figure kept under the target) and written; ``--refine-only``
 weighs the plans already written against the uniform schedules again (no profile needed)
 and refines the winner. The profile uses the model's defaults (its calibration
-prompts, steps, window auto, seed 0) on the CPU in float32, without latencies.
+prompts, steps, window auto, seed 0) on the CPU in float32, without latencies; ``--profile``
+reuses one made so.
 """
 
 from __future__ import annotations
@@ -62,6 +64,17 @@ def plan_at(compiler: Compiler, target: float, figure: str) -> Plan | None:
     return None
 
 
+def distinct(plans: list[Plan]) -> list[Plan]:
+    """``plans`` without those that run the same as an earlier one (a per-head compile that chose none)."""
+    seen, kept = set(), []
+    for plan in plans:
+        key = repr((plan.methods, plan.heads, plan.ffn))
+        if key not in seen:
+            seen.add(key)
+            kept.append(plan)
+    return kept
+
+
 def closest_to_raw(score: Callable[[Plan], float], plans: list[Plan]) -> tuple[Plan, list[float]]:
     """Of ``plans``, the one whose calibration images are closest to raw, and each one's PSNR."""
     scores = [score(plan) for plan in plans]
@@ -94,7 +107,10 @@ def main() -> None:
     parser.add_argument("models", nargs="+")
     parser.add_argument("--evals", type=int, default=40, help="calibration scores the refinement may spend per plan")
     parser.add_argument("--refine-only", action="store_true", help="weigh the plans already in plans/MODEL/ against the uniform schedules, refine, rewrite")
+    parser.add_argument("--profile", type=Path, help="use this profile of the (one) model instead of profiling it")
     args = parser.parse_args()
+    if args.profile is not None and len(args.models) != 1:
+        parser.error("--profile: give one model")
     planner = [sys.executable, "-m", "cli"]
     targets = [(name, target, "attention", False) for name, target in ATTENTION_TARGETS.items()]
     targets += [(name, target, "transformer", True) for name, target in TRANSFORMER_TARGETS.items()]
@@ -109,14 +125,18 @@ def main() -> None:
                 if options:
                     write_plan(pick_and_refine(pipe, model, name, options, target, figure, args.evals), path)
             continue
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / f"{model}.profile"
-            subprocess.run([*planner, "profile", "--model", model, "-o", str(path), "--device", "cpu",
-                            "--dtype", "float32", "--no-latency", "--quiet"], check=True, cwd=ROOT)  # fmt: skip
-            profile = load_profile(path)
+        if args.profile is not None:
+            profile = load_profile(args.profile)
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / f"{model}.profile"
+                subprocess.run([*planner, "profile", "--model", model, "-o", str(path), "--device", "cpu",
+                                "--dtype", "float32", "--no-latency", "--quiet"], check=True, cwd=ROOT)  # fmt: skip
+                profile = load_profile(path)
         for name, target, figure, ffn in targets:
-            compilers = [Compiler(profile, weighted=p is not None, ffn=ffn, power=p or 0.0) for p in POWERS]
-            options = [p for p in (plan_at(c, target, figure) for c in compilers) if p is not None]
+            compilers = [Compiler(profile, weighted=p is not None, ffn=ffn, power=p or 0.0, heads=heads)
+                         for p in POWERS for heads in (False, True)]  # fmt: skip
+            options = distinct([p for p in (plan_at(c, target, figure) for c in compilers) if p is not None])
             options += uniform_plans(base_plan(profile), target, FIGURES[figure], ffn=ffn)
             if not options:
                 print(f"plans/{model}/{name}.json  not written: no plan keeps {figure} FLOPs at most {target}", flush=True)

@@ -5,8 +5,12 @@ after each ``full`` layer-step that writes caches, the layer's q/k/v, its per-he
 output and its projected output. The recorder computes from them, with the runtime's
 own window kernel and output projection, the outputs ``ast``, ``wars``, ``asc`` and
 ``wars_asc`` would have produced with the caches of up to ``lags`` steps earlier, and
-accumulates their squared distances to the full output. It never changes what the
-processor returns. The measurements are defined in ``schemas/profile.py``.
+accumulates their squared distances to the full output. Per head ``h`` of the layer it
+also measures, at lag 1, the projected output with that head alone replaced by its
+output of the previous step (``head_ast``) or by its window attention plus its residual
+of the previous step (``head_wars``), as a per-head plan (``Plan.heads``) would run it.
+It never changes what the processor returns. The measurements are defined in
+``schemas/profile.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
     from runtime.runner import Runner
 
 MEASURES = ("ast", "wars", "wars_after_asc", "wars_asc")  # per lag
+HEAD_MEASURES = ("head_ast", "head_wars")  # per head, lag 1: stored under index ``head``
 # forecast: per pair of lags (j, k), 1 <= j < k <= lags, stored under index ``pair``
 CFG_MEASURES = ("wars_after_asc", "wars_asc", "asc")
 
@@ -42,27 +47,32 @@ class Recorder:
     """Accumulates, per (step, layer, lag), squared distances of each method to full attention.
 
     Keeps per layer the projected outputs ``O`` and per-head residuals ``R`` of the last
-    ``lags`` recorded steps (a generation must be recorded from step 0, in order). Sums
+    ``lags`` recorded steps, and with ``heads`` (the per-head measures) the per-head
+    output ``o`` of the last one (a generation must be recorded from step 0, in order). Sums
     add up over several recorders (one per calibration chunk) with ``merge``, and over the
     ranks of a data-parallel run with ``reduce``.
     """
 
-    def __init__(self, lags: int) -> None:
+    def __init__(self, lags: int, *, heads: bool = False) -> None:
         if lags < 1:
             raise ValueError(f"lags: must be >= 1 (got {lags})")
         self.lags = lags
+        self.heads = heads  # whether to measure head_ast / head_wars (two projections per head)
         self.reference: dict[tuple[int, int], float] = {}  # (step, layer) -> ||O_t||^2
         self.ffn_reference: dict[tuple[int, int], float] = {}  # (step, feed-forward layer) -> ||F_t||^2
         self.squared: dict[tuple[str, int, int, int], float] = {}  # (measure, step, layer, lag)
         self._history: dict[tuple[int, int], deque[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self._pending: dict[int, tuple[int, torch.Tensor, dict[int, torch.Tensor]]] = {}
         self._ffn_history: dict[tuple[int, int], deque[tuple[int, torch.Tensor]]] = {}
+        self._heads_history: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (call, layer) -> (step, o)
+        self.num_heads: int | None = None  # heads of the recorded per-head outputs (dim 1 of ``o``)
 
     def reset(self) -> None:
         """Forget the cached history (a new generation starts); the sums stay."""
         self._history.clear()
         self._pending.clear()
         self._ffn_history.clear()
+        self._heads_history.clear()
 
     def record(
         self,
@@ -109,7 +119,44 @@ class Recorder:
                 self._add("wars_asc", step, layer, lag, both(cond) - out)
         if runner.cfg_mode == "separate":
             self._record_shared(call, step, layer, window, out, project, wars_outputs)
+        if self.heads:
+            previous = history[-1] if history and history[-1][0] == step - 1 else None
+            self._record_heads(call, step, layer, o, window, out, project, previous)
         history.append((step, out.detach(), residual.detach()))
+
+    def _record_heads(
+        self,
+        call: int,
+        step: int,
+        layer: int,
+        o: torch.Tensor,
+        window: torch.Tensor,
+        out: torch.Tensor,
+        project: Project,
+        previous: tuple[int, torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """``head_ast`` and ``head_wars`` of every head at lag 1: the projected output with head
+        ``h`` of ``o`` (``[batch, heads, tokens, head_dim]``) alone replaced by its output of the
+        previous step, or by its window attention plus its residual of the previous step."""
+        heads = o.shape[1]
+        if self.num_heads is None:
+            self.num_heads = heads
+        elif self.num_heads != heads:
+            raise ValueError(f"layer {layer}: {heads} heads, earlier layers had {self.num_heads}")
+        last = self._heads_history.get((call, layer))
+        self._heads_history[call, layer] = step, o.detach()
+        if last is None or last[0] != step - 1:
+            return
+        o_prev = last[1]
+        mixed = o.clone()
+        for h in range(heads):
+            replacements = [("head_ast", o_prev[:, h])]
+            if previous is not None:
+                replacements.append(("head_wars", window[:, h] + previous[2][:, h]))
+            for measure, value in replacements:
+                mixed[:, h] = value
+                self._add(measure, step, layer, h, project(mixed) - out)
+            mixed[:, h] = o[:, h]
 
     def record_ffn(self, runner: Runner, layer: int, out: torch.Tensor) -> None:
         """Measure feed-forward layer ``layer``'s computed output ``out``: what ``reuse`` from up to
@@ -189,6 +236,8 @@ class Recorder:
             self.ffn_reference[key] = self.ffn_reference.get(key, 0.0) + value
         for key, value in other.squared.items():
             self.squared[key] = self.squared.get(key, 0.0) + value
+        if self.num_heads is None:
+            self.num_heads = other.num_heads
 
     def reduce(self, sum_all: Callable[[list[float]], list[float]]) -> None:
         """Replace the sums by ``sum_all`` of them, in key order: e.g. their sums over the ranks
@@ -205,8 +254,8 @@ class Recorder:
     def distance(self, measure: str, step: int, layer: int, lag: int = 0) -> float | None:
         """``||X - O_t|| / ||O_t||`` over every recorded row; ``None`` if not measured.
 
-        ``lag`` is 0 for ``asc``, the number of steps back for the cache measures and the
-        index of the pair of lags for ``forecast``.
+        ``lag`` is 0 for ``asc``, the number of steps back for the cache measures, the
+        index of the pair of lags for ``forecast`` and the head for ``head_ast``/``head_wars``.
         """
         squared = self.squared.get((measure, step, layer, lag))
         if squared is None:
@@ -217,7 +266,8 @@ class Recorder:
         return math.sqrt(squared / reference)
 
     def grids(self, steps: int, layers: int) -> dict[str, list]:
-        """Every measure as ``[step][layer][lag - 1]`` (``asc`` and ``norm``: ``[step][layer]``)."""
+        """Every measure as ``[step][layer][lag - 1]`` (``asc`` and ``norm``: ``[step][layer]``;
+        ``forecast``: ``[step][layer][pair]``; ``head_ast``, ``head_wars``: ``[step][layer][head]``)."""
         grids: dict[str, list] = {
             m: [[[self.distance(m, t, i, lag) for lag in range(1, self.lags + 1)] for i in range(layers)]
                 for t in range(steps)]
@@ -229,6 +279,11 @@ class Recorder:
         ]
         grids["asc"] = [[self.distance("asc", t, i) for i in range(layers)] for t in range(steps)]
         grids["norm"] = [[self.norm(t, i) for i in range(layers)] for t in range(steps)]
+        for m in HEAD_MEASURES:  # [step][layer][head]; None when no per-head output was recorded
+            heads = range(self.num_heads) if self.num_heads is not None else None
+            grids[m] = None if heads is None else [
+                [[self.distance(m, t, i, h) for h in heads] for i in range(layers)] for t in range(steps)
+            ]
         return grids
 
     def ffn_grids(self, steps: int, layers: int) -> dict[str, list]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.latency import COMPUTES_FULL, HEAD_LETTERS, USES_RESIDUAL, Heads, refreshed_cells
+from schemas.latency import COMPUTES_FULL, HEAD_LETTERS, USES_RESIDUAL, Heads, reads_residual, refreshed_cells
 from schemas.plan import REUSES_OUTPUT
 
 
@@ -99,15 +99,16 @@ class Schedule:
     def _derive(self) -> None:
         steps = len(self.methods)
         layers = len(self.methods[0]) if steps else 0
-        self._refresh = refreshed_cells(self.methods)
+        self._refresh = refreshed_cells(self.methods, self.heads)
         for i in range(layers):
             column = [self.methods[t][i] for t in range(steps)]
-            # a residual is freed after its last reader
-            for t, m in enumerate(column):
-                if m not in USES_RESIDUAL:
+            reads = [reads_residual(m, self.heads.get((t, i))) for t, m in enumerate(column)]
+            # a residual is freed after its last reader (before the next refresh, if any)
+            for t in range(steps):
+                if not reads[t]:
                     continue
-                later = next((u for u in range(t + 1, steps) if column[u] not in REUSES_OUTPUT), None)
-                if later is None or column[later] not in USES_RESIDUAL:
+                later = next((u for u in range(t + 1, steps) if reads[u] or column[u] in COMPUTES_FULL), None)
+                if later is None or not reads[later]:
                     self._free_residual.add((t, i))
             self._derive_outputs(i, column)
             self._derive_heads(i, column)

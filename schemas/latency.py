@@ -37,22 +37,30 @@ class Latency(Struct, forbid_unknown_fields=True, frozen=True):
     seconds: dict[LatencyVariant, Annotated[float, Meta(gt=0.0, le=3600.0)]]
 
 
-def refreshed_cells(methods: list[list[str]]) -> set[tuple[int, int]]:
-    """(step, layer) of every ``full``/``asc`` step whose residual a later ``wars`` step reads."""
+def reads_residual(method: str, letters: str | None = None) -> bool:
+    """Whether a layer-step reads the layer's residual: ``wars``/``wars_asc``, but a per-head
+    cell only when some of its heads (``letters``) run ``w``."""
+    return method in USES_RESIDUAL and (letters is None or "w" in letters)
+
+
+def refreshed_cells(methods: list[list[str]], heads: Heads | None = None) -> set[tuple[int, int]]:
+    """(step, layer) of every ``full``/``asc`` step whose residual a later ``wars`` step
+    (or per-head cell with ``w`` heads, of ``heads``) reads."""
+    heads = heads or {}
     cells: set[tuple[int, int]] = set()
     for i in range(len(methods[0]) if methods else 0):
         source = None  # the step whose residual is current
         for t, row in enumerate(methods):
             if row[i] in COMPUTES_FULL:
                 source = t
-            elif row[i] in USES_RESIDUAL and source is not None:
+            elif reads_residual(row[i], heads.get((t, i))) and source is not None:
                 cells.add((source, i))
     return cells
 
 
-def variant_grid(methods: list[list[str]]) -> list[list[str]]:
+def variant_grid(methods: list[list[str]], heads: Heads | None = None) -> list[list[str]]:
     """Each cell's latency variant: its method, with ``_refresh`` where it refreshes a residual."""
-    refreshed = refreshed_cells(methods)
+    refreshed = refreshed_cells(methods, heads)
     return [
         [f"{m}_refresh" if (t, i) in refreshed else m for i, m in enumerate(row)]
         for t, row in enumerate(methods)
@@ -68,7 +76,7 @@ def time_fraction(methods: list[list[str]], latency: Latency, heads: Heads | Non
     """
     seconds = latency.seconds
     total = 0.0
-    for t, row in enumerate(variant_grid(methods)):
+    for t, row in enumerate(variant_grid(methods, heads)):
         for i, v in enumerate(row):
             letters = heads.get((t, i)) if heads else None
             total += seconds[v] if letters is None else sum(seconds[HEAD_LETTERS[c]] for c in letters) / len(letters)
@@ -83,7 +91,7 @@ def check_latency(
     for variant, value in latency.seconds.items():
         if not math.isfinite(value):
             return f"seconds.{variant}: must be finite (got {value!r})"
-    needed = {v for row in variant_grid(methods) for v in row} | {"full"}
+    needed = {v for row in variant_grid(methods, heads) for v in row} | {"full"}
     needed |= {HEAD_LETTERS[c] for letters in (heads or {}).values() for c in letters}
     missing = sorted(needed - set(latency.seconds), key=LATENCY_VARIANTS.index)
     if missing:

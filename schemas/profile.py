@@ -42,6 +42,14 @@ projection, ``c`` the conditional rows and ``copy`` their copy onto both halves)
   ``dist(F_{t-k})``, the forecast from the ``p``-th pair, and the search's loss with layer
   ``j`` alone reusing its step ``t - 1`` output.
 
+- ``head_ast[t][i][h]``, ``head_wars[t][i][h]`` (schema version 5): per head ``h`` of the
+  layer, lag 1 only, what replacing that head alone does, for per-head plans
+  (``Plan.heads``): ``dist(P(o_t with head h replaced by o_{t-1}[h]))`` and
+  ``dist(P(o_t with head h replaced by W_t[h] + R_{t-1}[h]))``, i.e.
+  ``||P(o_t with head h replaced by X) - O_t||_2 / ||O_t||_2`` over the whole batch with
+  ``X`` the head's output of the previous step (``head_ast``) or its window attention plus
+  its residual of the previous step (``head_wars``). Both present or both absent.
+
 ``None`` marks what was not measured: step 0 (but for ``asc`` and ``output_norm``), lags
 reaching before step 0, layers that ran with an attention mask.
 """
@@ -60,6 +68,7 @@ from schemas.plan import (
     SCHEMA_VERSION,
     Calibration,
     Costs,
+    HeadCell,
     Hex64,
     Lags,
     Layer,
@@ -80,8 +89,8 @@ from schemas.plan import (
     with_figures,
 )
 
-PROFILE_SCHEMA_VERSION = 4  # 2: tiled windows (schemas/windows.py); 3: joint layers, CFG modes; 4: forecast
-PROFILE_READABLE_VERSIONS = (1, 2, 3, 4)
+PROFILE_SCHEMA_VERSION = 5  # 2: tiled windows (schemas/windows.py); 3: joint layers, CFG modes; 4: forecast; 5: heads
+PROFILE_READABLE_VERSIONS = (1, 2, 3, 4, 5)
 PROFILE_FORMAT = "ditfastattn-profile"
 
 Distance = Annotated[float, Meta(ge=0.0)] | None
@@ -108,7 +117,8 @@ class ProfileCalibration(Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Measurements(Struct, forbid_unknown_fields=True, frozen=True):
-    """Distances and probed losses, indexed ``[step][layer]`` (and ``[lag - 1]``).
+    """Distances and probed losses, indexed ``[step][layer]`` (and ``[lag - 1]``; the
+    per-head ones ``[step][layer][head]``).
 
     See the module docstring for the exact definitions. The CFG measures are
     ``None`` when the calibration ran without CFG.
@@ -126,6 +136,8 @@ class Measurements(Struct, forbid_unknown_fields=True, frozen=True):
     ffn_reuse: Grid3 | None = None
     ffn_forecast: Grid3 | None = None
     ffn_loss: Grid2 | None = None
+    head_ast: Grid3 | None = None
+    head_wars: Grid3 | None = None
 
 
 def forecast_pairs(lags: int) -> list[tuple[int, int]]:
@@ -161,10 +173,14 @@ class _Header(Struct):
 
 
 def header_plan(
-    profile: Profile, methods: list[list[str]] | None = None, ffn: list[list[str]] | None = None
+    profile: Profile,
+    methods: list[list[str]] | None = None,
+    ffn: list[list[str]] | None = None,
+    heads: dict[tuple[int, int], str] | None = None,
 ) -> Plan:
-    """A plan with the profile's header facts, ``methods`` (default all ``full``) and the
-    feed-forward grid ``ffn`` (default none), its summary derived.
+    """A plan with the profile's header facts, ``methods`` (default all ``full``), the
+    feed-forward grid ``ffn`` (default none) and the per-head cells ``heads``
+    (``(step, layer)`` -> letters; default none), its summary derived.
 
     ``calibration`` is left out: a plan compiled from the profile adds its own.
     """
@@ -178,10 +194,11 @@ def header_plan(
         sampling=profile.sampling,
         window=profile.window,
         methods=grid,
-        summary=summarize(grid, profile.tokens.num_tokens, profile.window, profile.layers),
+        summary=summarize(grid, profile.tokens.num_tokens, profile.window, profile.layers, heads or None),
         layers=profile.layers,
         ffn=ffn,
         costs=profile.costs,
+        heads=[HeadCell(t, i, letters) for (t, i), letters in sorted(heads.items())] if heads else None,
     )
     return with_figures(plan)
 
@@ -251,6 +268,7 @@ def check_profile(profile: Profile) -> None:
         if method in CFG_METHODS and not cfg:
             raise ProfileError(f"{field}: {method!r} shares across CFG halves but sampling.cfg is false")
         _check_grid(field, grid, steps, layers, None, probes=True)
+    _check_heads(profile)
     if profile.latency is not None:
         _check_latency(profile.latency, cfg)
     try:
@@ -268,6 +286,32 @@ def check_profile(profile: Profile) -> None:
     for field, window, tokens in windows:
         if isinstance(window, int) and not 1 <= window <= tokens - 1:  # tiled ones: check_plan
             raise ProfileError(f"{field}: the window must be in 1 … tokens - 1 = {tokens - 1} (got {window})")
+
+
+def _check_heads(profile: Profile) -> None:
+    """The per-head measures (version 5): both or neither, ``steps x layers x model.num_heads``,
+    null at step 0."""
+    m = profile.measurements
+    steps, layers, heads = profile.sampling.num_steps, profile.model.num_layers, profile.model.num_heads
+    for name, other in (("head_ast", "head_wars"), ("head_wars", "head_ast")):
+        grid = getattr(m, name)
+        if grid is None:
+            continue
+        field = f"$.measurements.{name}"
+        if profile.schema_version < 5:
+            raise ProfileError(f"{field}: needs schema_version 5 (got {profile.schema_version})")
+        if getattr(m, other) is None:
+            raise ProfileError(f"{field}: present only with $.measurements.{other}")
+        if len(grid) != steps:
+            raise ProfileError(f"{field}: has {len(grid)} steps, sampling.num_steps is {steps}")
+        for t, row in enumerate(grid):
+            if len(row) != layers:
+                raise ProfileError(f"{field}[{t}]: has {len(row)} layers, model.num_layers is {layers}")
+            for i, cell in enumerate(row):
+                if len(cell) != heads:
+                    raise ProfileError(f"{field}[{t}][{i}]: has {len(cell)} heads, model.num_heads is {heads}")
+                for h, value in enumerate(cell):
+                    _check_value(f"{field}[{t}][{i}][{h}]", value, "no step -1" if t == 0 else "")
 
 
 def _check_latency(latency: Latency, cfg: bool) -> None:

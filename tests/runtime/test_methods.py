@@ -109,6 +109,13 @@ def test_per_head_outputs_are_kept_only_for_a_heads_and_freed_after():
     assert schedule.head_groups(3, 0) == ((), (1,), (0,)) and schedule.head_groups(2, 0) is None
 
 
+def test_a_per_head_cell_without_w_heads_neither_reads_nor_ends_the_residual():
+    schedule = Schedule([["full"], ["wars"], ["full"], ["wars"], ["wars"]], heads={(1, 0): "fa", (3, 0): "af"})
+    assert not schedule.refreshes_residual(0, 0)  # step 1 reads no residual
+    assert schedule.refreshes_residual(2, 0)  # step 4 reads step 2's, across step 3
+    assert [t for t in range(5) if schedule.frees_after(t, 0)[0]] == [4]
+
+
 @pytest.mark.parametrize("kind", ["pixart", "dit"])
 def test_per_head_caches_end_empty_and_count_each_cell(kind):
     model = float64_model(kind)

@@ -126,11 +126,11 @@ def test_cfg_measures_without_cfg_are_refused():
         decode_doc(doc)
 
 
-@pytest.mark.parametrize("version", [0, 5, "1", None])
+@pytest.mark.parametrize("version", [0, 6, "1", None])
 def test_unknown_schema_version_says_what_this_build_reads(version):
     doc = as_doc(make_profile())
     doc["schema_version"] = version
-    with pytest.raises(ProfileError, match=r"\$\.schema_version: unsupported profile schema version .* reads version 1, 2, 3, 4"):
+    with pytest.raises(ProfileError, match=r"\$\.schema_version: unsupported profile schema version .* reads version 1, 2, 3, 4, 5"):
         decode_doc(doc)
 
 
@@ -280,3 +280,69 @@ def test_profile_limits_are_in_the_json_schema():
     assert defs["ProfileCalibration"]["properties"]["seed"] == {
         "type": "integer", "minimum": 0, "maximum": schemas.plan.MAX_SEED
     }
+
+
+# ---------------------------------------------------------------------------
+# per-head measures (schema version 5)
+
+HEADS = 2  # make_profile's model.num_heads
+
+
+def head_grid(value: float = 0.3) -> list:
+    return [[[None if t == 0 else value + 0.01 * h for h in range(HEADS)] for _ in range(LAYERS)] for t in range(STEPS)]
+
+
+def head_profile(**changes) -> schemas.Profile:
+    profile = make_profile(schema_version=5)
+    measurements = msgspec.structs.replace(profile.measurements, head_ast=head_grid(0.2), head_wars=head_grid(0.1))
+    return msgspec.structs.replace(profile, measurements=measurements, **changes)
+
+
+def test_per_head_measures_round_trip():
+    profile = head_profile()
+    raw = encode_profile(profile)
+    assert decode_profile(raw) == profile
+    assert decode_profile(raw).measurements.head_wars[1][0] == [0.1, 0.11]
+    assert schemas.PROFILE_SCHEMA_VERSION == 5
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d["measurements"]["head_ast"].pop(), r"\$\.measurements\.head_ast: has 2 steps, sampling\.num_steps is 3"),
+        (lambda d: d["measurements"]["head_wars"][1].pop(), r"\$\.measurements\.head_wars\[1\]: has 1 layers, model\.num_layers is 2"),
+        (lambda d: d["measurements"]["head_ast"][2][1].pop(), r"\$\.measurements\.head_ast\[2\]\[1\]: has 1 heads, model\.num_heads is 2"),
+        (lambda d: d["measurements"]["head_wars"][2][1].append(0.5), r"\$\.measurements\.head_wars\[2\]\[1\]: has 3 heads, model\.num_heads is 2"),
+        (lambda d: d["measurements"]["head_ast"][0][0].__setitem__(1, 0.5), r"\$\.measurements\.head_ast\[0\]\[0\]\[1\]: must be null, no step -1"),
+        (lambda d: d["measurements"]["head_wars"][1][0].__setitem__(0, float("inf")), r"\$\.measurements\.head_wars\[1\]\[0\]\[0\]: must be finite"),
+        (lambda d: d["measurements"]["head_wars"][1][0].__setitem__(0, -1.0), r"Expected `float` >= 0.0 - at `\$\.measurements\.head_wars\[1\]\[0\]\[0\]`"),
+        (lambda d: d["measurements"].__setitem__("head_wars", None), r"\$\.measurements\.head_ast: present only with \$\.measurements\.head_wars"),
+        (lambda d: d["measurements"].__setitem__("head_ast", None), r"\$\.measurements\.head_wars: present only with \$\.measurements\.head_ast"),
+        (lambda d: d.__setitem__("schema_version", 4), r"\$\.measurements\.head_ast: needs schema_version 5 \(got 4\)"),
+    ],
+)
+def test_inconsistent_per_head_measures_name_the_field(mutate, field):
+    doc = as_doc(head_profile())
+    mutate(doc)
+    with pytest.raises(ProfileError, match=field):
+        decode_doc(doc)
+
+
+def test_encode_refuses_per_head_measures_of_the_wrong_shape():
+    profile = head_profile()
+    model = msgspec.structs.replace(profile.model, num_heads=3)
+    with pytest.raises(ProfileError, match=r"\$\.measurements\.head_ast\[0\]\[0\]: has 2 heads, model\.num_heads is 3"):
+        encode_profile(msgspec.structs.replace(profile, model=model))
+
+
+def test_header_plan_carries_per_head_cells_and_their_cost():
+    profile = head_profile()
+    methods = [["full"] * LAYERS for _ in range(STEPS)]
+    methods[1][0] = methods[2][1] = "wars"
+    plan = schemas.profile.header_plan(profile, methods, heads={(2, 1): "af", (1, 0): "wa"})
+    assert [(c.step, c.layer, c.methods) for c in plan.heads] == [(1, 0, "wa"), (2, 1, "af")]
+    assert decode_plan(schemas.encode_plan(plan)) == plan
+    band = schemas.method_cost("wars", 16, 3)
+    cells = (band + 0.0) / 2 + (0.0 + 1.0) / 2  # the two per-head cells
+    assert plan.summary.attention_flops_fraction == pytest.approx((STEPS * LAYERS - 2 + cells) / (STEPS * LAYERS))
+    assert schemas.profile.header_plan(profile, methods, heads={}).heads is None
