@@ -12,6 +12,16 @@ from tests.tiny import (
     tiny_pixart_transformer,
 )
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; a shared machine makes more threads spin
+    (modules that want it: ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 LATENT = (4, 8, 8)  # channels, height, width: 64 tokens with patch size 1
 CAPTION_TOKENS = 5
 

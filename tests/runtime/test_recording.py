@@ -19,13 +19,7 @@ ORDERS = {"pixart": "uncond_cond", "dit": "cond_uncond"}
 LAYERS, STEPS, WINDOW = 3, 4, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; a shared machine makes more threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def outputs_of(modules, model, kind: str, plan, recorder: Recorder | None) -> list[list[torch.Tensor]]:

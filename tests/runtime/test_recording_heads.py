@@ -13,6 +13,8 @@ from runtime import Recorder
 from tests.plans import all_full, plan_for
 from tests.runtime.conftest import float64_model, run_steps
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BATCH, HEADS, TOKENS, DIM, STEPS = 4, 3, 5, 2, 4
 
 
@@ -178,14 +180,6 @@ def test_without_any_recorded_layer_there_are_no_head_grids():
 
 ORDERS = {"pixart": "uncond_cond", "dit": "cond_uncond"}
 LAYERS, MODEL_STEPS, WINDOW = 3, 4, 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def layer_outputs(model, kind, methods, heads=None, recorder=None) -> list[list[torch.Tensor]]:
