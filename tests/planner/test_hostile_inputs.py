@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from runtime import load_plan
-from schemas import encode_plan, summarize
+from schemas import encode_plan, summarize, with_figures
 from tests.planner.test_cli import ROOT, build_args, invoke, only_error_line
 
 
@@ -193,9 +193,10 @@ def test_binary_config_is_one_line(tmp_path):
 
 
 def edited(plan_file: Path, tmp_path: Path, **changes) -> Path:
-    """A copy of the plan with header sections replaced (derived figures kept consistent)."""
+    """A copy of the plan with header sections replaced; the transformer and feed-forward
+    figures derived again (a window change moves them when the plan has ``wars`` steps)."""
     plan = load_plan(plan_file)
-    plan = msgspec.structs.replace(plan, **changes)
+    plan = with_figures(msgspec.structs.replace(plan, **changes))
     path = tmp_path / "edited.json"
     path.write_bytes(encode_plan(plan))
     return path
@@ -275,6 +276,22 @@ def test_interrupt_during_start_up_is_one_line():
     )
     assert result.returncode == 130
     assert result.stderr.strip() == "error: interrupted"
+
+
+def test_an_interrupt_python_can_only_report_still_ends_the_command_in_one_line():
+    """Ctrl-C inside an import lock's callback reaches ``sys.unraisablehook``, not ``main``."""
+    code = (
+        "import sys, planner.__main__ as m\n"
+        "sys.unraisablehook = m._unraisable\n"
+        "class C:\n"
+        "    def __del__(self):\n"
+        "        raise KeyboardInterrupt\n"
+        "C()\n"
+        "print('still running')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and done.stdout == ""
+    assert done.stderr == "error: interrupted\n"
 
 
 @pytest.mark.parametrize("delay", [0.2, 0.5, 1.5])  # after the interpreter itself started
