@@ -75,7 +75,7 @@ def head_grids(draw, heads=2):
 
 
 @pytest.mark.parametrize("kind", ["pixart", "dit"])
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grid=head_grids(), window=st.integers(1, TOKENS - 1), kernel=st.sampled_from(["chunked", "dense", "flex"]))
 def test_per_head_cells_match_float64_reference(kind, grid, window, kernel):
     methods, heads = grid

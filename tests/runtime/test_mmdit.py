@@ -66,7 +66,7 @@ def test_every_method_matches_float64_reference_with_arrow_band(family, mode, da
 
 
 @pytest.mark.parametrize(("family", "mode"), CASES)
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_per_head_cells_match_float64_reference(family, mode, data):
     """Per-head cells on joint layers, with CFG batched, in separate calls (each call its own
