@@ -234,7 +234,7 @@ class Plan(Struct, forbid_unknown_fields=True, frozen=True):
     latency: Latency | None = None
     ffn: list[list[FfnMethod]] | None = None
     costs: Costs | None = None
-    heads: list[HeadCell] | None = None
+    heads: Annotated[list[HeadCell], Meta(max_length=MAX_STEPS * MAX_LAYERS)] | None = None
 
 
 def head_cells(plan: Plan) -> dict[tuple[int, int], str]:
