@@ -116,6 +116,8 @@ def heads_fact(plan: Plan) -> str:
     """The per-head cells in one line: their number and their heads by method."""
     counts = head_counts(plan)
     heads = sum(counts[m] for m in HEAD_LETTERS.values())
+    if not heads:
+        return "none"
     shares = ", ".join(f"{m} {percent(counts[m] / heads)}" for m in HEAD_LETTERS.values())
     return f"{counts['cells']} of the 'wars' cells (H in the grid); their {heads} heads: {shares}"
 

@@ -223,3 +223,16 @@ def test_show_marks_per_head_cells_and_counts_their_heads(tmp_path):
     assert "2 of the 'wars' cells (H in the grid); their 6 heads: full 16.7 %, wars 33.3 %, ast 50.0 %" in shown.stdout
     facts = json.loads(invoke("show", "--json", path).stdout)
     assert facts["heads"] == {"cells": 2, "full": 1, "wars": 2, "ast": 3}
+
+
+def test_show_a_plan_with_an_empty_list_of_per_head_cells(tmp_path):
+    import msgspec
+
+    from schemas import encode_plan
+    from tests.schemas.test_heads import head_plan
+
+    path = tmp_path / "none.json"
+    path.write_bytes(encode_plan(msgspec.structs.replace(head_plan(heads={}), heads=[])))
+    shown = invoke("show", path, columns=160)
+    assert shown.exit_code == 0, shown.output
+    assert any(line.split() == ["per-head", "cells", "none"] for line in shown.stdout.splitlines())
