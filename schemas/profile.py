@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -302,16 +303,11 @@ def _check_heads(profile: Profile) -> None:
             raise ProfileError(f"{field}: needs schema_version 5 (got {profile.schema_version})")
         if getattr(m, other) is None:
             raise ProfileError(f"{field}: present only with $.measurements.{other}")
-        if len(grid) != steps:
-            raise ProfileError(f"{field}: has {len(grid)} steps, sampling.num_steps is {steps}")
-        for t, row in enumerate(grid):
-            if len(row) != layers:
-                raise ProfileError(f"{field}[{t}]: has {len(row)} layers, model.num_layers is {layers}")
-            for i, cell in enumerate(row):
-                if len(cell) != heads:
-                    raise ProfileError(f"{field}[{t}][{i}]: has {len(cell)} heads, model.num_heads is {heads}")
-                for h, value in enumerate(cell):
-                    _check_value(f"{field}[{t}][{i}][{h}]", value, "no step -1" if t == 0 else "")
+        for t, i, cell in _cells(field, grid, steps, layers):
+            if len(cell) != heads:
+                raise ProfileError(f"{field}[{t}][{i}]: has {len(cell)} heads, model.num_heads is {heads}")
+            for h, value in enumerate(cell):
+                _check_value(f"{field}[{t}][{i}][{h}]", value, "no step -1" if t == 0 else "")
 
 
 def _check_latency(latency: Latency, cfg: bool) -> None:
@@ -327,10 +323,8 @@ def _check_latency(latency: Latency, cfg: bool) -> None:
             raise ProfileError(f"$.latency.seconds.{variant}: must be finite (got {value!r})")
 
 
-def _check_grid(
-    field: str, grid: list, steps: int, layers: int, lags: int | None, *, probes: bool = False,
-    layer_name: str = "",
-) -> None:
+def _cells(field: str, grid: list, steps: int, layers: int, layer_name: str = "") -> Iterator[tuple[int, int, Any]]:
+    """Each ``(t, i, cell)`` of a ``[step][layer]`` grid, its shape checked on the way."""
     if len(grid) != steps:
         raise ProfileError(f"{field}: has {len(grid)} steps, sampling.num_steps is {steps}")
     for t, row in enumerate(grid):
@@ -338,27 +332,30 @@ def _check_grid(
             where = f"the profile has {layers} {layer_name}" if layer_name else f"model.num_layers is {layers}"
             raise ProfileError(f"{field}[{t}]: has {len(row)} layers, {where}")
         for i, cell in enumerate(row):
-            if lags is None:
-                _check_value(f"{field}[{t}][{i}]", cell, "step 0 is always full" if t == 0 and probes else "")
-                continue
-            if len(cell) != lags:
-                raise ProfileError(f"{field}[{t}][{i}]: has {len(cell)} lags, lags is {lags}")
-            for k, value in enumerate(cell, start=1):
-                _check_value(f"{field}[{t}][{i}][{k - 1}]", value, f"no step {t - k}" if k > t else "")
+            yield t, i, cell
+
+
+def _check_grid(
+    field: str, grid: list, steps: int, layers: int, lags: int | None, *, probes: bool = False,
+    layer_name: str = "",
+) -> None:
+    for t, i, cell in _cells(field, grid, steps, layers, layer_name):
+        if lags is None:
+            _check_value(f"{field}[{t}][{i}]", cell, "step 0 is always full" if t == 0 and probes else "")
+            continue
+        if len(cell) != lags:
+            raise ProfileError(f"{field}[{t}][{i}]: has {len(cell)} lags, lags is {lags}")
+        for k, value in enumerate(cell, start=1):
+            _check_value(f"{field}[{t}][{i}][{k - 1}]", value, f"no step {t - k}" if k > t else "")
 
 
 def _check_pairs(grid: Grid3, steps: int, layers: int, lags: int, field: str = "$.measurements.forecast") -> None:
     pairs = forecast_pairs(lags)
-    if len(grid) != steps:
-        raise ProfileError(f"{field}: has {len(grid)} steps, sampling.num_steps is {steps}")
-    for t, row in enumerate(grid):
-        if len(row) != layers:
-            raise ProfileError(f"{field}[{t}]: has {len(row)} layers, model.num_layers is {layers}")
-        for i, cell in enumerate(row):
-            if len(cell) != len(pairs):
-                raise ProfileError(f"{field}[{t}][{i}]: has {len(cell)} lag pairs, lags {lags} give {len(pairs)}")
-            for p, ((_, k), value) in enumerate(zip(pairs, cell)):
-                _check_value(f"{field}[{t}][{i}][{p}]", value, f"no step {t - k}" if k > t else "")
+    for t, i, cell in _cells(field, grid, steps, layers):
+        if len(cell) != len(pairs):
+            raise ProfileError(f"{field}[{t}][{i}]: has {len(cell)} lag pairs, lags {lags} give {len(pairs)}")
+        for p, ((_, k), value) in enumerate(zip(pairs, cell)):
+            _check_value(f"{field}[{t}][{i}][{p}]", value, f"no step {t - k}" if k > t else "")
 
 
 def _check_value(field: str, value: float | None, unmeasurable: str) -> None:
