@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torch._dynamo.utils import counters
 import runtime
 from runtime.apply import repeated_blocks, self_attention_layers
 from runtime.schedule import Schedule
+from runtime.state import RunStats
 from schemas import Layer, method_cost
 from tests.plans import plan_for
 from tests.runtime.conftest import step_inputs
@@ -77,6 +79,36 @@ def assert_close_all(got: list[torch.Tensor], expected: list[torch.Tensor]) -> N
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {t}")
 
 
+@dataclass
+class Runs:
+    """A plan run eagerly, then compiled for two generations: outputs, stats and compilations."""
+
+    eager: list[torch.Tensor]
+    eager_stats: RunStats
+    first: list[torch.Tensor]
+    second: list[torch.Tensor]
+    stats: RunStats  # compiled, both generations
+    graphs: int
+    compiled_second: int  # compilations during the second compiled generation
+
+    def assert_like_eager_without_recompiling(self) -> None:
+        assert_close_all(self.first, self.eager)
+        assert_close_all(self.second, self.eager)
+        assert self.compiled_second == 0
+
+
+def eager_then_compiled(model, kind: str, plan, steps: int) -> Runs:
+    with runtime.apply(plan, model) as handle:
+        eager = generation(model, kind, steps)
+        eager_stats = handle.stats()
+    with compiles() as seen, runtime.apply(plan, model, compile={"backend": BACKEND}) as handle:
+        first = generation(model, kind, steps)
+        compiled_first = len(seen.ids)
+        handle.reset()
+        second = generation(model, kind, steps)
+        return Runs(eager, eager_stats, first, second, handle.stats(), seen.graphs, len(seen.ids) - compiled_first)
+
+
 def widen(methods: list[list[str]], times: int) -> list[list[str]]:
     """The same columns repeated: more layers, the same distinct layer-steps."""
     return [row * times for row in methods]
@@ -86,22 +118,12 @@ def widen(methods: list[list[str]], times: int) -> list[list[str]]:
 def test_compiled_blocks_run_every_method_like_eager_with_one_graph_per_variant(kind, layers):
     model = model_of(kind, layers)
     plan = plan_for(model, widen(MIXED, layers // 3), cfg_order=ORDERS[kind])
-    with runtime.apply(plan, model) as handle:
-        eager = generation(model, kind, len(MIXED))
-        eager_stats = handle.stats()
-    with compiles() as seen, runtime.apply(plan, model, compile={"backend": BACKEND}) as handle:
-        first = generation(model, kind, len(MIXED))
-        compiled_first = len(seen.ids)
-        handle.reset()
-        second = generation(model, kind, len(MIXED))
-        graphs, compiled_second = seen.graphs, len(seen.ids) - compiled_first
-        stats = handle.stats()
-    assert_close_all(first, eager)
-    assert_close_all(second, eager)
+    runs = eager_then_compiled(model, kind, plan, len(MIXED))
+    runs.assert_like_eager_without_recompiling()
     variants = Schedule(MIXED).variants()  # of the 3-layer grid: the graphs do not grow with layers
     assert len(variants) == 9 and len({v[:3] for v in variants}) == 8
-    assert 1 < graphs <= len(variants)
-    assert compiled_second == 0
+    assert 1 < runs.graphs <= len(variants)
+    stats, eager_stats = runs.stats, runs.eager_stats
     assert stats.method_counts == {m: 2 * c for m, c in eager_stats.method_counts.items()}
     assert stats.peak_cache_bytes == eager_stats.peak_cache_bytes
     assert stats.attention_flops_fraction == pytest.approx(eager_stats.attention_flops_fraction)
@@ -120,19 +142,9 @@ def test_forecasts_and_feed_forward_reuse_compile_like_eager_without_recompiling
     ffn = [["compute"] * 3, ["compute", "reuse", "compute"], ["forecast", "reuse", "compute"],
            ["forecast", "compute", "reuse"], ["compute", "forecast", "forecast"]]  # fmt: skip
     plan = with_figures(msgspec.structs.replace(plan_for(model, methods, cfg_order="cond_uncond"), ffn=ffn))
-    with runtime.apply(plan, model) as handle:
-        eager = generation(model, "dit", len(methods))
-    with compiles() as seen, runtime.apply(plan, model, compile={"backend": BACKEND}) as handle:
-        first = generation(model, "dit", len(methods))
-        compiled_first = len(seen.ids)
-        handle.reset()
-        second = generation(model, "dit", len(methods))
-        compiled_second = len(seen.ids) - compiled_first
-        stats = handle.stats()
-    assert_close_all(first, eager)
-    assert_close_all(second, eager)
-    assert compiled_second == 0
-    assert stats.method_counts["forecast"] == 2 * 5 and stats.ffn_counts["forecast"] == 2 * 4
+    runs = eager_then_compiled(model, "dit", plan, len(methods))
+    runs.assert_like_eager_without_recompiling()
+    assert runs.stats.method_counts["forecast"] == 2 * 5 and runs.stats.ffn_counts["forecast"] == 2 * 4
 
 
 def test_per_head_cells_compile_like_eager_without_recompiling():
@@ -141,18 +153,9 @@ def test_per_head_cells_compile_like_eager_without_recompiling():
     methods = [["full"] * 3, ["wars"] * 3, ["wars", "full", "wars"], ["wars"] * 3]
     heads = {(1, 0): "fw", (1, 2): "af", (2, 0): "wa", (3, 1): "aw", (3, 2): "af"}
     plan = plan_for(model, methods, cfg_order="uncond_cond", heads=heads)
-    with runtime.apply(plan, model) as handle:
-        eager = generation(model, "pixart", len(methods))
-        eager_stats = handle.stats()
-    with compiles() as seen, runtime.apply(plan, model, compile={"backend": BACKEND}) as handle:
-        first = generation(model, "pixart", len(methods))
-        compiled_first = len(seen.ids)
-        handle.reset()
-        second = generation(model, "pixart", len(methods))
-        compiled_second = len(seen.ids) - compiled_first
-    assert_close_all(first, eager)
-    assert_close_all(second, eager)
-    assert compiled_second == 0
+    runs = eager_then_compiled(model, "pixart", plan, len(methods))
+    runs.assert_like_eager_without_recompiling()
+    eager_stats = runs.eager_stats
     assert eager_stats.head_cells == len(heads)
     refreshes = eager_stats.residual_refreshes * method_cost("wars", 64, plan.window) / 12  # four, each a window
     assert eager_stats.residual_refreshes == 4
