@@ -2,9 +2,11 @@
 
 These are the step caches of the literature written in the plan grammar: with ``ast``
 between computed steps, FORA's reuse; with ``forecast``, TaylorSeer's first-order
-extrapolation from the last two computed steps. A compiled plan should never lose to
-them at the same compute, so ``plans/targets.py`` generates them beside the compiled
-plans and keeps whichever is closest to the raw images on the calibration prompts.
+extrapolation from the last two computed steps (``ast`` on the steps with only one
+computed step before them, where TaylorSeer falls back to order 0). A compiled plan
+should never lose to them at the same compute, so ``plans/targets.py`` generates them
+beside the compiled plans and keeps whichever is closest to the raw images on the
+calibration prompts.
 
 Computed steps: the first ``warmup``, then every ``interval``-th step after the last of
 them (``warmup - 1 + k·interval``). With ``ffn`` the feed-forward layers follow the same
@@ -46,16 +48,15 @@ def uniform_plan(base: Plan, interval: int, warmup: int, reuse: str, *, ffn: boo
     header facts and the feed-forward layers (``$.costs.ffn``)."""
     if reuse not in REUSES:
         raise ValueError(f"reuse: expected one of {sorted(REUSES)}, not {reuse!r}")
-    if reuse == "forecast" and warmup < 2:
-        raise ValueError("warmup: a forecast needs two computed steps before it (warmup >= 2)")
     if base.calibration is None:
         raise ValueError("base: the plan records no calibration")
     computed = computed_steps(base.sampling.num_steps, interval, warmup)
+    between = [reuse if sum(computed[:t]) >= 2 else "ast" for t in range(len(computed))]
     width = len(base.costs.ffn) if ffn and base.costs is not None else 0
     if ffn and not width:
         raise ValueError("ffn: the plan counts no feed-forward layers ($.costs.ffn)")
-    methods = [["full" if c else reuse] * base.model.num_layers for c in computed]
-    grid = [["compute" if c else REUSES[reuse]] * width for c in computed] if width else None
+    methods = [["full" if c else m] * base.model.num_layers for c, m in zip(computed, between)]
+    grid = [["compute" if c else REUSES[m]] * width for c, m in zip(computed, between)] if width else None
     search = f"uniform-{reuse}-every-{interval}-after-{warmup}" + ("-ffn" if width else "")
     calibration = msgspec.structs.replace(base.calibration, delta=1.0, search=search)
     plan = msgspec.structs.replace(base, ffn=grid, calibration=calibration)
@@ -71,8 +72,6 @@ def uniform_plans(
     found = []
     for reuse in reuses:
         for warmup in WARMUPS:
-            if reuse == "forecast" and warmup < 2:
-                continue
             for interval in range(2, MAX_INTERVAL + 1):
                 plan = uniform_plan(base, interval, warmup, reuse, ffn=ffn)
                 if figure(plan) <= target:

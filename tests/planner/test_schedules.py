@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from planner.schedules import base_plan, computed_steps, uniform_plan, uniform_plans
-from schemas import decode_plan, encode_plan
+from schemas import Costs, decode_plan, encode_plan
 from tests.planner.test_compile_forecast import LAYERS, STEPS, profile
 
 
@@ -35,9 +36,21 @@ def test_uniform_plan_computes_every_layer_on_its_steps_and_reuses_between(reuse
     assert decode_plan(encode_plan(plan)) == plan  # a valid plan: forecasts have two computed steps before them
 
 
-def test_forecast_needs_two_computed_steps_and_reuse_must_be_known():
-    with pytest.raises(ValueError, match="warmup >= 2"):
-        uniform_plan(base_plan(profile()), 2, 1, "forecast")
+@pytest.mark.parametrize("ffn", [False, True])
+def test_a_forecast_schedule_copies_until_two_steps_are_computed(ffn):
+    base = base_plan(profile())
+    if ffn:
+        base = msgspec.structs.replace(base, costs=Costs(attention=[1.0] * LAYERS, projections=[1.0] * LAYERS, ffn=[1.0] * LAYERS, other=1.0))
+    plan = uniform_plan(base, 3, 1, "forecast", ffn=ffn)  # computed 0, 3
+    between = {1: "ast", 2: "ast", 4: "forecast", 5: "forecast"}
+    assert plan.methods == [["full"] * LAYERS if t in (0, 3) else [between[t]] * LAYERS for t in range(STEPS)]
+    if ffn:
+        names = {"full": "compute", "ast": "reuse", "forecast": "forecast"}
+        assert plan.ffn == [[names[m[0]]] * LAYERS for m in plan.methods]
+    assert decode_plan(encode_plan(plan)) == plan
+
+
+def test_reuse_must_be_known_and_ffn_counted():
     with pytest.raises(ValueError, match="reuse: expected one of"):
         uniform_plan(base_plan(profile()), 2, 2, "wars")
     with pytest.raises(ValueError, match=r"ffn: the plan counts no feed-forward layers"):
@@ -53,4 +66,7 @@ def test_uniform_plans_take_the_most_compute_that_fits_the_target(target):
         _, reuse, _, interval, _, warmup = plan.calibration.search.split("-")
         if int(interval) > 2:  # the next denser schedule would not fit
             assert attention(uniform_plan(base_plan(profile()), int(interval) - 1, int(warmup), reuse)) > target
-    assert all(p.methods[1][0] == "full" for p in found if "forecast" in p.calibration.search)
+    for plan in found:  # every forecast has two computed steps before it
+        computed = [row[0] == "full" for row in plan.methods]
+        assert all(sum(computed[:t]) >= 2 for t, row in enumerate(plan.methods) if row[0] == "forecast")
+    assert any("forecast" in p.calibration.search and "after-1" in p.calibration.search for p in found)
