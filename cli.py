@@ -808,6 +808,10 @@ def refine(
     ),
     evals: int = typer.Option(40, min=1, help="Calibration generations the search may spend."),
     min_gain: float = typer.Option(0.05, "--min-gain", min=0.0, help="dB a move must gain to be kept."),
+    check: bool = typer.Option(
+        True, help="Keep the refined grid only if the same prompts with the next seeds gain too "
+        "(up to three more generations); otherwise write the plan unrefined.",
+    ),
     device: str | None = typer.Option(None, help="Torch device (default: cuda when available, else cpu)."),
     dtype: str = typer.Option(
         "auto", help="auto, float32, float16 or bfloat16 (auto = float16 on cuda, else float32)."
@@ -817,7 +821,7 @@ def refine(
     """Refine a plan on its final images: move computed steps, at the same cost, while the
     calibration images get closer to raw (PSNR)."""
     with reported(ctx):
-        run_refine(plan_file, output, model, prompts, evals, min_gain, device, dtype, quiet=quiet)
+        run_refine(plan_file, output, model, prompts, evals, min_gain, device, dtype, quiet=quiet, check=check)
 
 
 def run_refine(
@@ -831,6 +835,7 @@ def run_refine(
     dtype_name: str,
     *,
     quiet: bool,
+    check: bool = True,
 ) -> None:
     """Load the plan and its model, hill-climb with a progress bar, write the result atomically."""
     from planner.calibration import CAPTIONS, CLASS_IDS, read_prompts
@@ -863,15 +868,22 @@ def run_refine(
     ) as bar:
         task = bar.add_task("refine", total=evals)
         score = calibration_score(pipe, spec, plan, inputs)
+        checker = calibration_score(pipe, spec, plan, inputs, seed_offset=len(inputs)) if check else None
         result = hill_climb(
             plan, score, fits=no_dearer(plan), max_evals=evals, min_gain=min_gain,
-            progress=lambda done, best: bar.update(task, completed=done),
+            progress=lambda done, best: bar.update(task, completed=done), check=checker,
         )  # fmt: skip
     write_plan(result.plan, output)
+    verdict = ""
+    if result.checked is not None:
+        before, after = result.checked
+        verdict = f"; next seeds {before:.2f} → {after:.2f} dB: " + (
+            "kept" if result.passed else "no gain there, the plan is written unrefined"
+        )
     out.print(
         f"{output}: PSNR against raw on {len(inputs)} calibration prompts {result.start:.2f} → "
-        f"{result.score:.2f} dB; {result.kept} moves kept of {result.evals} generations; attention executed "
-        f"{executed_attention(result.plan):.1%} (was {executed_attention(plan):.1%})",
+        f"{result.score:.2f} dB; {result.kept} moves kept of {result.evals} generations{verdict}; attention "
+        f"executed {executed_attention(result.plan):.1%} (was {executed_attention(plan):.1%})",
         soft_wrap=True,
     )
 

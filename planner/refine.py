@@ -10,6 +10,11 @@ step earlier or later). A move is kept when the plan stays valid (``schemas.chec
 target) and scores more than ``min_gain`` above the best so far. Sweeps repeat until one
 keeps nothing or ``max_evals`` scores are spent. The refined plan drops the compiler's
 predicted ``losses`` (they were for the old grid) and adds ``+refined`` to its search name.
+
+A handful of calibration images is easy to overfit: a move can gain on them and lose on
+any other sample. With a ``check`` score (the same prompts with the next seeds,
+``calibration_score(..., seed_offset=len(prompts))``) the refined plan is returned only
+if it also gains more than ``min_gain`` there; otherwise the starting plan is.
 """
 
 from __future__ import annotations
@@ -34,13 +39,17 @@ from schemas.plan import check_plan, with_figures, with_latency
 
 @dataclass(frozen=True)
 class Refined:
-    """The refined plan, its score, the starting score, the moves kept and the scores spent."""
+    """The plan returned, the best grid's score (the returned plan's, unless the check dropped
+    that grid), the starting score, the moves kept and the scores spent; with a check, the
+    start's and the best grid's check scores and whether the grid passed."""
 
     plan: Plan
     score: float
     start: float
     kept: int
     evals: int
+    checked: tuple[float, float] | None = None
+    passed: bool = True
 
 
 def executed_attention(plan: Plan) -> float:
@@ -68,14 +77,17 @@ def no_dearer(start: Plan) -> Callable[[Plan], bool]:
     return fits
 
 
-def calibration_score(pipe: Any, spec: ModelSpec, like: Plan, prompts: Sequence[Any]) -> Callable[[Plan], float]:
-    """A plan's PSNR against raw over ``prompts`` with seeds ``calibration.seed + i``, as
-    ``like`` samples (steps, guidance, size); the raw images are made once, here. The
+def calibration_score(
+    pipe: Any, spec: ModelSpec, like: Plan, prompts: Sequence[Any], *, seed_offset: int = 0
+) -> Callable[[Plan], float]:
+    """A plan's PSNR against raw over ``prompts`` with seeds ``calibration.seed + seed_offset + i``,
+    as ``like`` samples (steps, guidance, size); the raw images are made once, here. The
     prompts must be the plan's calibration prompts (its ``prompts_hash``)."""
     c = like.calibration
     if c is None or c.prompts_hash != inputs_hash(list(prompts)):
         raise bad_input("prompts: not the plan's calibration prompts ($.calibration.prompts_hash); pass them")
-    inputs = EvalInputs(tuple(prompts), None, tuple(c.seed + i for i in range(len(prompts))))
+    seeds = tuple(c.seed + seed_offset + i for i in range(len(prompts)))
+    inputs = EvalInputs(tuple(prompts), None, seeds)
     match_scheduler(pipe, like)
 
     def images() -> np.ndarray:
@@ -129,10 +141,12 @@ def refine(
     max_evals: int = 200,
     min_gain: float = 0.05,
     progress: Callable[[int, float], None] | None = None,
+    check: Callable[[Plan], float] | None = None,
 ) -> Refined:
     """Hill-climb ``plan`` on ``score`` (see the module docstring): the moves are tried in
     turn, round and round, each on the best grid so far, until a whole round keeps none or
-    ``max_evals`` scores are spent; ``progress(evals, best)`` follows each score."""
+    ``max_evals`` scores are spent; ``progress(evals, best)`` follows each score. With
+    ``check``, a refined grid that does not also gain ``min_gain`` on it is dropped."""
     best, best_score = plan, score(plan)
     start, kept, evals = best_score, 0, 1
     order = positions(len(plan.methods), len(plan.methods[0]))
@@ -155,7 +169,13 @@ def refine(
             progress(evals, max(best_score, value))
         if value > best_score + min_gain:
             best, best_score, kept, since_kept = candidate, value, kept + 1, 0
-    if kept and best.calibration is not None:
+    if not kept:
+        return Refined(plan, start, start, 0, evals)
+    if check is not None:
+        checked = (check(plan), check(best))
+        if checked[1] <= checked[0] + min_gain:
+            return Refined(plan, best_score, start, kept, evals, checked, passed=False)
+    if best.calibration is not None:
         calibration = msgspec.structs.replace(best.calibration, search=f"{best.calibration.search}+refined")
         best = msgspec.structs.replace(best, calibration=calibration)
-    return Refined(best, best_score, start, kept, evals)
+    return Refined(best, best_score, start, kept, evals, checked if check is not None else None)

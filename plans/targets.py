@@ -14,7 +14,8 @@ between; with the feed-forward layers too for ``f40``), so that a shipped plan n
 to one of them on the calibration prompts. All candidates generate the calibration prompts
 (seeds 0, 1, …, as ``bench/peers.py``); the one closest to the raw images (PSNR) is refined
 on that PSNR (``planner/refine.py``: cost-neutral moves of computed steps, at most
-``--evals`` scores, the figure kept under the target) and written; ``--refine-only``
+``--evals`` scores, the figure kept under the target; the refined grid only if the same
+prompts with the next seeds agree) and written; ``--refine-only``
 weighs the plans already written against the uniform schedules again (no profile needed)
 and refines the winner. The profile uses the model's defaults (its calibration
 prompts, steps, window auto, seed 0) on the CPU in float32, without latencies; ``--profile``
@@ -87,18 +88,27 @@ def path_of(model: str, name: str) -> Path:
 
 def pick_and_refine(pipe: Any, model: str, name: str, options: list[Plan], target: float, figure: str, evals: int) -> Plan:
     """The option closest to raw on the calibration prompts, refined there (both printed)."""
-    score = calibration_score(pipe, resolve_model(model), options[0], EMBEDDED_MODELS[model].calibration_prompts)
+    prompts = EMBEDDED_MODELS[model].calibration_prompts
+    score = calibration_score(pipe, resolve_model(model), options[0], prompts)
     plan, scores = closest_to_raw(score, options)
     tried = ", ".join(f"{o.calibration.search} {s:.2f} dB" for o, s in zip(options, scores))
     print(f"plans/{model}/{name}.json  {figure} {FIGURES[figure](plan):.3f}; calibration PSNR: {tried}", flush=True)
-    return refined(score, plan, target, figure, evals)
+    check = calibration_score(pipe, resolve_model(model), plan, prompts, seed_offset=len(prompts))
+    return refined(score, check, plan, target, figure, evals)
 
 
-def refined(score: Callable[[Plan], float], plan: Plan, target: float, figure: str, evals: int) -> Plan:
-    """``plan`` refined on the calibration PSNR (``planner/refine.py``), its figure kept under ``target``."""
-    result = refine(plan, score, fits=lambda p: FIGURES[figure](p) <= target, max_evals=evals)
+def refined(
+    score: Callable[[Plan], float], check: Callable[[Plan], float], plan: Plan, target: float, figure: str, evals: int
+) -> Plan:
+    """``plan`` refined on the calibration PSNR (``planner/refine.py``), its figure kept under
+    ``target``, if ``check`` agrees."""
+    result = refine(plan, score, fits=lambda p: FIGURES[figure](p) <= target, max_evals=evals, check=check)
+    verdict = "" if result.checked is None else (
+        f"; next seeds {result.checked[0]:.2f} → {result.checked[1]:.2f} dB: "
+        + ("kept" if result.passed else "dropped, the unrefined plan written")
+    )  # fmt: skip
     print(f"    refined: {result.start:.2f} → {result.score:.2f} dB, {result.kept} moves kept of "
-          f"{result.evals} scored", flush=True)
+          f"{result.evals} scored{verdict}", flush=True)
     return result.plan
 
 

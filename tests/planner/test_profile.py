@@ -326,6 +326,10 @@ def test_refine_keeps_the_cost_and_writes_a_valid_plan(profile_file, folders, tm
     assert [sorted(c) for c in zip(*refined.methods)] == [sorted(c) for c in zip(*start.methods)]  # same per layer
     assert refined.summary.attention_flops_fraction == start.summary.attention_flops_fraction
     assert "PSNR against raw on 2 calibration prompts" in result.stdout and "attention executed 75.0%" in result.stdout
+    assert ("next seeds" in result.stdout) == (" 0 moves kept" not in result.stdout)  # checked where it moved
+    unchecked = invoke("refine", source, "-o", output, "--model", folders["pixart-sigma"], "--evals", "4", "--quiet",
+                       "--no-check")  # fmt: skip
+    assert unchecked.exit_code == 0 and "next seeds" not in unchecked.stdout
     prompts = tmp_path / "other.txt"
     prompts.write_text("a red cube\na blue ball\n")
     wrong = invoke("refine", source, "-o", tmp_path / "no.json", "--model", folders["pixart-sigma"],

@@ -39,6 +39,20 @@ def test_refine_climbs_to_the_best_grid_without_changing_any_layers_methods():
     assert decode_plan(encode_plan(result.plan)) == result.plan
 
 
+def test_a_check_score_keeps_the_refined_grid_only_where_it_gains_too():
+    start = uniform_plan(base_plan(profile()), 2, 1, "ast")
+    agrees = refine(start, closeness, max_evals=500, check=lambda plan: 10 * closeness(plan))
+    assert agrees.passed and agrees.checked == (-20, 0) and agrees.plan == refine(start, closeness, max_evals=500).plan
+    disagrees = refine(start, closeness, max_evals=500, check=lambda plan: -closeness(plan))
+    assert not disagrees.passed and disagrees.checked == (2, 0) and disagrees.kept == 2
+    assert disagrees.plan == start and (disagrees.start, disagrees.score) == (-2, 0)
+    barely = refine(start, closeness, max_evals=500, min_gain=0.5, check=lambda plan: 0.1 * closeness(plan))
+    assert not barely.passed and barely.plan == start  # gains 0.2 on the check, less than min_gain
+    calls = []
+    refine(start, lambda plan: 0.0, max_evals=5, check=lambda plan: calls.append(1) or 0.0)
+    assert not calls  # nothing kept: nothing to check
+
+
 def test_refine_skips_invalid_grids_and_those_that_do_not_fit():
     start = uniform_plan(base_plan(profile()), 2, 2, "forecast")  # full at 0, 1, 3, 5
     seen = []
