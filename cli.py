@@ -336,6 +336,11 @@ def profile(
     ffn: bool = typer.Option(
         True, "--ffn/--no-ffn", help="Also measure the feed-forward layers' reuse and forecast, for --ffn plans."
     ),
+    heads: bool = typer.Option(
+        True, "--heads/--no-heads",
+        help="Also measure each head's reuse and window alone, for --heads plans (two output projections "
+        "per head and layer-step).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Measure a model once on its calibration batch; `build --from-profile` compiles plans from it."""
@@ -371,7 +376,7 @@ def _profile_with_progress(pipe: Any, request: BuildRequest, settings: BuildSett
 
         return profile_model(
             pipe, request, lags=settings.lags, probes=tuple(settings.probes), progress=advance,
-            weights_progress=weigh, ffn=settings.ffn,
+            weights_progress=weigh, ffn=settings.ffn, heads=settings.heads,
         )
 
 

@@ -290,6 +290,19 @@ def test_build_from_profile_writes_the_compiled_plan(profile_file, folders, tmp_
     assert f"{100 * plan.summary.attention_flops_fraction:.1f} %" in result.stdout
 
 
+def test_profile_without_heads_skips_them_and_heads_plans_are_refused(profile_file, folders, tmp_path):
+    assert load_profile(profile_file).measurements.head_ast is not None  # measured by default
+    path = tmp_path / "no-heads.profile"
+    result = invoke("profile", "--model", folders["pixart-sigma"], "-o", path, "--steps", "3", "--num-prompts", "1",
+                    "--no-latency", "--no-heads", "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    m = load_profile(path).measurements
+    assert m.head_ast is None and m.head_wars is None and m.ast is not None
+    refused = invoke("build", "--from-profile", path, "--delta", "0.9", "-o", tmp_path / "no.json", "--heads")
+    assert refused.exit_code == 2 and "heads: the profile measured no per-head distances" in one_error_line(refused)
+    assert not (tmp_path / "no.json").exists()
+
+
 def test_build_from_profile_with_ffn_and_step_weights(profile_file, tmp_path):
     output = tmp_path / "plan.json"
     result = invoke("build", "--from-profile", profile_file, "--delta", "0.8", "-o", output, "--ffn",
