@@ -171,6 +171,7 @@ def refine(
             best, best_score, kept, since_kept = candidate, value, kept + 1, 0
     if not kept:
         return Refined(plan, start, start, 0, evals)
+    checked = None
     if check is not None:
         checked = (check(plan), check(best))
         if checked[1] <= checked[0] + min_gain:
@@ -178,4 +179,4 @@ def refine(
     if best.calibration is not None:
         calibration = msgspec.structs.replace(best.calibration, search=f"{best.calibration.search}+refined")
         best = msgspec.structs.replace(best, calibration=calibration)
-    return Refined(best, best_score, start, kept, evals, checked if check is not None else None)
+    return Refined(best, best_score, start, kept, evals, checked)
