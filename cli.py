@@ -179,6 +179,11 @@ def build(
         None,
         help="With a profile: how a step's layer losses add up, sum (default: an upper bound) or rss.",
     ),
+    pick: str | None = typer.Option(
+        None,
+        help="With a profile: of the methods that fit a layer-step's budget, take the cheapest "
+        "(default) or the one saving the most cost per unit of predicted loss (ratio).",
+    ),
     objective: str | None = typer.Option(
         None,
         help="With a profile: what the compiler minimises, time (default when latencies were measured), "
@@ -453,7 +458,7 @@ def run_profile_search(pipe: Any, request: BuildRequest, settings: BuildSettings
     start = time.perf_counter()
     plan = compile_plan(
         result.profile, settings.delta, combine=settings.combine, objective=settings.objective,
-        weighted=settings.step_weights, ffn=settings.ffn, heads=settings.heads,
+        weighted=settings.step_weights, ffn=settings.ffn, heads=settings.heads, pick=settings.pick,
     )
     seconds = result.seconds + time.perf_counter() - start
     distributed.barrier()  # raises if another rank failed: then nothing is written
@@ -470,12 +475,12 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
     """``build --from-profile``: compile the plan for δ, check it fits ``--model`` if given, write it."""
     import time
 
-    from planner.compile import COMBINE, OBJECTIVES, compile_plan, load_profile
+    from planner.compile import COMBINE, OBJECTIVES, PICKS, compile_plan, load_profile
     from planner.errors import bad_input
     from planner.output import check_writable, write_plan
     from planner.report import build_summary
 
-    allowed = ("model", "delta", "output", "combine", "objective", "ffn", "step_weights", "heads")
+    allowed = ("model", "delta", "output", "combine", "objective", "ffn", "step_weights", "heads", "pick")
     fixed = [k for k, v in options.items() if v is not None and k not in allowed]
     if fixed:
         name = fixed[0].replace("_", "-")
@@ -485,6 +490,9 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
     combine = options["combine"] or "sum"
     if combine not in COMBINE:
         raise bad_input(f"combine: use sum or rss (got {combine!r})")
+    pick = options["pick"] or "cheapest"
+    if pick not in PICKS:
+        raise bad_input(f"pick: use cheapest or ratio (got {pick!r})")
     objective = options["objective"]
     if objective is not None and objective not in OBJECTIVES:
         raise bad_input(f"objective: use time, flops or transformer (got {objective!r})")
@@ -497,7 +505,7 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
     weighted = bool(options["step_weights"])
     plan = compile_plan(
         profile_data, options["delta"], combine=combine, objective=objective, weighted=weighted, ffn=bool(options["ffn"]),
-        heads=bool(options["heads"]),
+        heads=bool(options["heads"]), pick=pick,  # type: ignore[arg-type]
     )
     seconds = time.perf_counter() - start
     if options["model"] is not None:
@@ -537,13 +545,17 @@ def sweep(
     heads: bool = typer.Option(
         False, "--heads/--no-heads", help="Also choose full, window or reuse per head of a layer-step (profile schema 5)."
     ),
+    pick: str = typer.Option(
+        "cheapest", help="Of the methods that fit a layer-step's budget, take the cheapest or the one "
+        "saving the most cost per unit of predicted loss (ratio).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Compile one plan per δ from a profile and tabulate the attention FLOPs each keeps."""
     with reported(ctx):
         import time
 
-        from planner.compile import COMBINE, OBJECTIVES, compile_plans, load_profile, parse_deltas, sweep_file_name
+        from planner.compile import COMBINE, OBJECTIVES, PICKS, compile_plans, load_profile, parse_deltas, sweep_file_name
         from planner.errors import bad_input
         from planner.output import check_writable, write_plan
         from planner.report import METHOD_STYLE, legend, percent
@@ -551,6 +563,8 @@ def sweep(
 
         if combine not in COMBINE:
             raise bad_input(f"combine: use sum or rss (got {combine!r})")
+        if pick not in PICKS:
+            raise bad_input(f"pick: use cheapest or ratio (got {pick!r})")
         if objective is not None and objective not in OBJECTIVES:
             raise bad_input(f"objective: use time, flops or transformer (got {objective!r})")
         values = parse_deltas(deltas)
@@ -564,7 +578,7 @@ def sweep(
         start = time.perf_counter()
         plans = compile_plans(
             profile_data, values, combine=combine, objective=objective, weighted=step_weights, ffn=ffn,  # type: ignore[arg-type]
-            heads=heads,
+            heads=heads, pick=pick,  # type: ignore[arg-type]
         )
         seconds = time.perf_counter() - start
         if model is not None:

@@ -45,6 +45,10 @@ neither all ``w`` (the plain ``wars`` cell) nor all ``a`` (that is ``ast``, whos
 measured distance decided it) and is strictly cheaper than the method kept is taken.
 The cell is a computed step for later ``ast`` and ``forecast`` and leaves the residual's
 step unchanged.
+
+``pick`` ``ratio`` replaces "the first candidate that fits" by the fitting candidate that
+saves the most cost (in the objective's units, against ``full``) per unit of its own
+predicted loss; a zero loss ranks first, ties go to the larger saving.
 Pure Python: no model, no torch.
 """
 
@@ -93,6 +97,8 @@ Combine = Literal["sum", "rss"]
 COMBINE: tuple[str, ...] = ("sum", "rss")
 Objective = Literal["time", "flops", "transformer"]
 OBJECTIVES: tuple[str, ...] = ("time", "flops", "transformer")
+Pick = Literal["cheapest", "ratio"]
+PICKS: tuple[str, ...] = ("cheapest", "ratio")
 SEARCH_NAMES = {"sum": "profile", "rss": "profile-rss"}  # the plan's calibration.search
 Heads = dict[tuple[int, int], str]  # (step, layer) -> one method letter per head
 # one state of a per-head cell's greedy: (letters, mean cost, Σ d², max Σ d² up to it)
@@ -132,8 +138,10 @@ class Predictor:
         ffn: bool = False,
         power: float = STEP_WEIGHT_POWER,
         heads: bool = False,
+        pick: Pick = "cheapest",
     ) -> None:
         self.profile = profile
+        self.pick = pick
         m = profile.measurements
         self.heads = heads and m.head_ast is not None and m.head_wars is not None
         self.ffn_layers = len(m.ffn_reuse[0]) if ffn and m.ffn_reuse else 0
@@ -177,6 +185,13 @@ class Predictor:
                 {c: x[m] / x["full"] if x["full"] else 1.0 for c, m in HEAD_LETTERS.items()} for x in self.costs
             ]
         self._head_states: dict[tuple[int, int, int, int], list[HeadState]] = {}
+        # per layer, each candidate's cost saved against full, in the objective's units (pick ratio)
+        if objective == "time" and profile.latency is not None:
+            full = effective_seconds(profile.latency, "full") or 0.0
+            saved = {c: full - (effective_seconds(profile.latency, c) or full) for c in self.candidates}
+            self.savings = [saved for _ in range(self.layers)]
+        else:
+            self.savings = [{c: x["full"] - x[c] for c in self.candidates} for x in self.costs]
 
     def forecast_loss(self, t: int, i: int, a: int, b: int) -> float | None:
         """Predicted output loss of ``forecast`` at ``(t, i)`` from the outputs of steps ``a > b``."""
@@ -390,7 +405,10 @@ def _rule(predictor: Predictor, budget: float, combine: Combine, *, with_heads: 
                     row, lag = table[measure][t][i], t - source[i]
                 options[c] = row[lag] if lag < len(row) else None
             previous = so_far
-            kept, so_far = _cheapest_fit(options, so_far, limit, combine, "full")
+            if p.pick == "ratio":
+                kept, so_far = _best_ratio_fit(options, so_far, limit, combine, "full", p.savings[i])
+            else:
+                kept, so_far = _cheapest_fit(options, so_far, limit, combine, "full")
             methods[t][i], losses[t][i] = kept, so_far
             if with_heads and p.heads and kept in ("full", "wars") and not after_asc[i]:
                 cell = p.head_cell(t, i, kept, t - source[i], t - computed[i], previous, limit, combine)
@@ -421,6 +439,24 @@ def _cheapest_fit(
         total = so_far + alone if combine == "sum" else math.hypot(so_far, alone)
         if total <= limit and (kept == default or total < kept_loss):
             kept, kept_loss = c, total
+    return kept, kept_loss
+
+
+def _best_ratio_fit(
+    options: dict[str, float | None], so_far: float, limit: float, combine: Combine, default: str,
+    savings: dict[str, float],
+) -> tuple[str, float]:
+    """Of the options whose total loss fits ``limit`` and that save cost, the one saving the
+    most per unit of its own loss (a zero loss first; ties: the larger saving); ``default``
+    at ``so_far`` when none fits."""
+    kept, kept_loss, best = default, so_far, (-1.0, -1.0)
+    for c, alone in options.items():
+        if alone is None or not math.isfinite(alone) or savings.get(c, 0.0) <= 0.0:
+            continue
+        total = so_far + alone if combine == "sum" else math.hypot(so_far, alone)
+        rank = (savings[c] / alone if alone > 0.0 else math.inf, savings[c])
+        if total <= limit and rank > best:
+            kept, kept_loss, best = c, total, rank
     return kept, kept_loss
 
 
@@ -457,9 +493,13 @@ class Compiler:
         ffn: bool = False,
         power: float = STEP_WEIGHT_POWER,
         heads: bool = False,
+        pick: Pick = "cheapest",
     ) -> None:
         self.profile = profile
         self.combine: Combine = combine
+        if pick not in PICKS:
+            raise bad_input(f"pick: use cheapest or ratio (got {pick!r})")
+        self.pick: Pick = pick
         self.weighted = weighted and profile.measurements.step_weight is not None
         self.power = power
         if ffn and profile.measurements.ffn_reuse is None:
@@ -476,7 +516,9 @@ class Compiler:
         self.objective: Objective = objective or ("time" if profile.latency is not None else "flops")
         if self.objective == "time" and profile.latency is None:
             raise bad_input("objective: the profile has no measured latencies; use --objective flops")
-        self.predictor = Predictor(profile, self.objective, weighted=self.weighted, ffn=ffn, power=power, heads=heads)
+        self.predictor = Predictor(
+            profile, self.objective, weighted=self.weighted, ffn=ffn, power=power, heads=heads, pick=pick
+        )
         self._rules: dict[int, Choice] = {}
         self._best: list[Choice] = []  # _best[k]: least FLOPs among rules 0..k
 
@@ -513,7 +555,7 @@ class Compiler:
         weights = "-weighted" if self.power == STEP_WEIGHT_POWER else f"-weighted^{self.power:g}"
         search = SEARCH_NAMES[self.combine] + (weights if self.weighted else "") + (
             {"time": "-time", "transformer": "-transformer"}.get(self.objective, "")
-        ) + ("-heads" if self.heads else "")
+        ) + ("-heads" if self.heads else "") + ("-ratio" if self.pick == "ratio" else "")
         plan = msgspec.structs.replace(
             base,
             tool_version=tool_version(),
@@ -532,9 +574,11 @@ def compile_plan(
     weighted: bool = False,
     ffn: bool = False,
     heads: bool = False,
+    pick: Pick = "cheapest",
 ) -> Plan:
     """The plan for ``delta`` compiled from ``profile`` (see the module docstring)."""
-    return Compiler(profile, combine=combine, objective=objective, weighted=weighted, ffn=ffn, heads=heads).plan(delta)
+    compiler = Compiler(profile, combine=combine, objective=objective, weighted=weighted, ffn=ffn, heads=heads, pick=pick)
+    return compiler.plan(delta)
 
 
 def compile_plans(
@@ -546,9 +590,10 @@ def compile_plans(
     weighted: bool = False,
     ffn: bool = False,
     heads: bool = False,
+    pick: Pick = "cheapest",
 ) -> list[Plan]:
     """One plan per δ, sharing the work between them."""
-    compiler = Compiler(profile, combine=combine, objective=objective, weighted=weighted, ffn=ffn, heads=heads)
+    compiler = Compiler(profile, combine=combine, objective=objective, weighted=weighted, ffn=ffn, heads=heads, pick=pick)
     return [compiler.plan(d) for d in deltas]
 
 

@@ -60,6 +60,7 @@ class BuildSettings(BaseModel):
     ffn: bool = False  # feed-forward reuse: measured by the profile, compiled into the plan
     step_weights: bool = False  # the compiler weighs each step's budget by its effect on the result
     heads: bool = False  # the compiler may choose methods per head in window steps
+    pick: Literal["cheapest", "ratio"] = "cheapest"  # how the compiler picks among fitting methods
 
     @field_validator("classes", "probes", mode="before")
     @classmethod
@@ -88,7 +89,7 @@ class BuildSettings(BaseModel):
             raise ValueError("window: give --window or --window-frac, not both")
         if self.prompts is not None and self.classes is not None:
             raise ValueError("prompts: give --prompts (captions) or --classes (class ids), not both")
-        profiled = sorted({"lags", "probes", "combine", "objective", "ffn", "step_weights", "heads"} & self.model_fields_set)
+        profiled = sorted({"lags", "probes", "combine", "objective", "ffn", "step_weights", "heads", "pick"} & self.model_fields_set)
         if self.search == "greedy" and profiled:
             raise ValueError(f"{profiled[0]}: applies to --search profile only")
         return self

@@ -5,9 +5,10 @@
 the candidates) and ``f40.json`` (feed-forward reuse too, about 40 % of the transformer's
 FLOPs). "Executed" counts, as the runtime does, the window attention of the steps that
 refresh a ``wars`` residual on top of the plan's own figure. For each target the profile
-compiler gives six plans, with step weights to the power 1, ½ and without them, each with
-and without per-head cells: each the plan of the largest δ (on the compiler's 0.001 grid)
-whose figure is at most the target.
+compiler gives nine plans, with step weights to the power 1, ½ and without them, each
+picking the cheapest method that fits with and without per-head cells, and picking by cost
+saved per unit of loss (``--pick ratio``): each the plan of the largest δ (on the
+compiler's 0.001 grid) whose figure is at most the target.
 Beside them stand the uniform schedules of ``planner/schedules.py`` at the same target
 (FORA- and TaylorSeer-like: every layer computed on a set of steps, ``ast`` or ``forecast``
 between; with the feed-forward layers too for ``f40``), so that a shipped plan never loses
@@ -51,6 +52,7 @@ TRANSFORMER_TARGETS = {"f40": 0.40}
 
 
 POWERS = (1.0, 0.5, None)  # step weights to this power; None: without
+PICKS = ((False, "cheapest"), (True, "cheapest"), (False, "ratio"))  # (per-head cells, pick) per power
 
 
 FIGURES = {"attention": executed_attention, "transformer": lambda plan: plan.summary.transformer_flops_fraction}
@@ -144,8 +146,8 @@ def main() -> None:
                                 "--dtype", "float32", "--no-latency", "--quiet"], check=True, cwd=ROOT)  # fmt: skip
                 profile = load_profile(path)
         for name, target, figure, ffn in targets:
-            compilers = [Compiler(profile, weighted=p is not None, ffn=ffn, power=p or 0.0, heads=heads)
-                         for p in POWERS for heads in (False, True)]  # fmt: skip
+            compilers = [Compiler(profile, weighted=p is not None, ffn=ffn, power=p or 0.0, heads=heads, pick=pick)
+                         for p in POWERS for heads, pick in PICKS]  # fmt: skip
             options = distinct([p for p in (plan_at(c, target, figure) for c in compilers) if p is not None])
             options += uniform_plans(base_plan(profile), target, FIGURES[figure], ffn=ffn)
             if not options:

@@ -303,6 +303,21 @@ def test_profile_without_heads_skips_them_and_heads_plans_are_refused(profile_fi
     assert not (tmp_path / "no.json").exists()
 
 
+def test_build_and_sweep_from_profile_take_the_pick(profile_file, tmp_path):
+    output = tmp_path / "plan.json"
+    result = invoke("build", "--from-profile", profile_file, "--delta", "0.8", "-o", output, "--pick", "ratio")
+    assert result.exit_code == 0, result.output
+    plan = load_plan(output)
+    assert plan == compile_plan(load_profile(profile_file), 0.8, pick="ratio") and plan.calibration.search.endswith("-ratio")
+    swept = invoke("sweep", "--from-profile", profile_file, "--deltas", "0.8", "-o", tmp_path, "--pick", "ratio")
+    assert swept.exit_code == 0, swept.output
+    assert load_plan(tmp_path / "plan-0.8.json") == plan
+    for command in (["build", "--delta", "0.8", "-o", tmp_path / "no.json"], ["sweep", "--deltas", "0.8"]):
+        refused = invoke(*command, "--from-profile", profile_file, "--pick", "best")
+        assert refused.exit_code == 2 and "pick: use cheapest or ratio (got 'best')" in one_error_line(refused)
+    assert not (tmp_path / "no.json").exists()
+
+
 def test_build_from_profile_with_ffn_and_step_weights(profile_file, tmp_path):
     output = tmp_path / "plan.json"
     result = invoke("build", "--from-profile", profile_file, "--delta", "0.8", "-o", output, "--ffn",
