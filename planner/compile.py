@@ -187,8 +187,9 @@ class Predictor:
         self._head_states: dict[tuple[int, int, int, int], list[HeadState]] = {}
         # per layer, each candidate's cost saved against full, in the objective's units (pick ratio)
         if objective == "time" and profile.latency is not None:
-            full = effective_seconds(profile.latency, "full") or 0.0
-            saved = {c: full - (effective_seconds(profile.latency, c) or full) for c in self.candidates}
+            seconds = {c: effective_seconds(profile.latency, c) for c in ("full", *self.candidates)}
+            full = seconds.pop("full")
+            saved = {c: full - x for c, x in seconds.items() if full is not None and x is not None}
             self.savings = [saved for _ in range(self.layers)]
         else:
             self.savings = [{c: x["full"] - x[c] for c in self.candidates} for x in self.costs]

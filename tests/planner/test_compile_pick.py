@@ -9,7 +9,7 @@ import pytest
 
 from planner.compile import Compiler, _best_ratio_fit, _cheapest_fit, compile_plan
 from planner.errors import PlannerError
-from schemas import decode_plan, encode_plan
+from schemas import Latency, decode_plan, encode_plan
 from tests.planner.test_compile_forecast import LAGS, LAYERS, STEPS, profile
 
 
@@ -42,6 +42,17 @@ def test_a_cheap_accurate_window_beats_a_free_costly_reuse_under_ratio_only():
     assert all(m == "wars" for row in ratio.methods[1:] for m in row)
     assert ratio.calibration.search == "profile-ratio" and decode_plan(encode_plan(ratio)) == ratio
     assert ratio.summary.attention_flops_fraction > cheapest.summary.attention_flops_fraction
+
+
+def test_ratio_counts_the_time_objective_in_measured_seconds():
+    p = with_wars(0.01)
+    fast_window = {"full": 1.0, "full_refresh": 1.0, "wars": 0.2, "ast": 0.05, "forecast": 0.05}
+    slow_window = {**fast_window, "wars": 0.99}  # saves 0.01 s for a loss of 0.001: 10 per unit; ast 0.95 / 0.05 = 19
+    for seconds, chosen in ((fast_window, "wars"), (slow_window, "ast")):
+        latency = Latency(device="test device", dtype="float32", kernel="auto", rows=2, seconds=seconds)
+        plan = compile_plan(msgspec.structs.replace(p, latency=latency), 0.8, pick="ratio")
+        assert plan.calibration.search == "profile-time-ratio"
+        assert {m for row in plan.methods[1:] for m in row} == {chosen}
 
 
 def test_ratio_plans_keep_their_budgets_and_are_monotone_in_delta():
