@@ -89,7 +89,8 @@ class BuildSettings(BaseModel):
             raise ValueError("window: give --window or --window-frac, not both")
         if self.prompts is not None and self.classes is not None:
             raise ValueError("prompts: give --prompts (captions) or --classes (class ids), not both")
-        profiled = sorted({"lags", "probes", "combine", "objective", "ffn", "step_weights", "heads", "pick"} & self.model_fields_set)
+        compiler = {"lags", "probes", "combine", "objective", "ffn", "step_weights", "heads", "pick"}
+        profiled = sorted(compiler & self.model_fields_set)
         if self.search == "greedy" and profiled:
             raise ValueError(f"{profiled[0]}: applies to --search profile only")
         return self

@@ -399,6 +399,8 @@ def test_profile_settings_need_the_profile_search(folders, tmp_path):
     assert result.exit_code == 2
     assert "lags: applies to --search profile only" in one_error_line(result)
     assert not (tmp_path / "plan.json").exists()
+    picked = invoke("build", "--model", folders["dit"], "--delta", "0.9", "-o", tmp_path / "plan.json", "--pick", "ratio")
+    assert picked.exit_code == 2 and "pick: applies to --search profile only" in one_error_line(picked)
 
 
 @pytest.mark.parametrize(

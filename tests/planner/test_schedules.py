@@ -40,7 +40,8 @@ def test_uniform_plan_computes_every_layer_on_its_steps_and_reuses_between(reuse
 def test_a_forecast_schedule_copies_until_two_steps_are_computed(ffn):
     base = base_plan(profile())
     if ffn:
-        base = msgspec.structs.replace(base, costs=Costs(attention=[1.0] * LAYERS, projections=[1.0] * LAYERS, ffn=[1.0] * LAYERS, other=1.0))
+        ones = [1.0] * LAYERS
+        base = msgspec.structs.replace(base, costs=Costs(attention=ones, projections=ones, ffn=ones, other=1.0))
     plan = uniform_plan(base, 3, 1, "forecast", ffn=ffn)  # computed 0, 3
     between = {1: "ast", 2: "ast", 4: "forecast", 5: "forecast"}
     assert plan.methods == [["full"] * LAYERS if t in (0, 3) else [between[t]] * LAYERS for t in range(STEPS)]
