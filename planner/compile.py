@@ -82,6 +82,7 @@ from schemas import (
     time_fraction,
     with_latency,
 )
+from schemas.latency import Heads
 from schemas.plan import flops_fractions
 from schemas.profile import forecast_pairs, header_plan, profile_calibration
 
@@ -100,7 +101,6 @@ OBJECTIVES: tuple[str, ...] = ("time", "flops", "transformer")
 Pick = Literal["cheapest", "ratio"]
 PICKS: tuple[str, ...] = ("cheapest", "ratio")
 SEARCH_NAMES = {"sum": "profile", "rss": "profile-rss"}  # the plan's calibration.search
-Heads = dict[tuple[int, int], str]  # (step, layer) -> one method letter per head
 # one state of a per-head cell's greedy: (letters, mean cost, Σ d², max Σ d² up to it)
 HeadState = tuple[str, float, float, float]
 
@@ -175,24 +175,21 @@ class Predictor:
         self.weights = [1.0] * self.steps
         if weighted and m.step_weight is not None:
             self.weights = [1.0 if w is None else w**power for w in m.step_weight]
-        # per layer, each head letter's cost relative to full, in the objective's units
+        # per layer, in the objective's units: each head letter's cost relative to full, and
+        # each candidate's cost saved against full (pick ratio)
         if objective == "time" and profile.latency is not None:
             seconds = profile.latency.seconds
             units = {c: seconds[m] / seconds["full"] if seconds["full"] else 1.0 for c, m in HEAD_LETTERS.items()}
+            effective = {c: effective_seconds(profile.latency, c) for c in self.candidates}
+            saved = {c: seconds["full"] - x for c, x in effective.items() if x is not None}
             self.head_units = [units for _ in range(self.layers)]
+            self.savings = [saved for _ in range(self.layers)]
         else:
             self.head_units = [
                 {c: x[m] / x["full"] if x["full"] else 1.0 for c, m in HEAD_LETTERS.items()} for x in self.costs
             ]
-        self._head_states: dict[tuple[int, int, int, int], list[HeadState]] = {}
-        # per layer, each candidate's cost saved against full, in the objective's units (pick ratio)
-        if objective == "time" and profile.latency is not None:
-            seconds = {c: effective_seconds(profile.latency, c) for c in ("full", *self.candidates)}
-            full = seconds.pop("full")
-            saved = {c: full - x for c, x in seconds.items() if full is not None and x is not None}
-            self.savings = [saved for _ in range(self.layers)]
-        else:
             self.savings = [{c: x["full"] - x[c] for c in self.candidates} for x in self.costs]
+        self._head_states: dict[tuple[int, int, int, int], list[HeadState]] = {}
 
     def forecast_loss(self, t: int, i: int, a: int, b: int) -> float | None:
         """Predicted output loss of ``forecast`` at ``(t, i)`` from the outputs of steps ``a > b``."""
@@ -275,8 +272,7 @@ class Predictor:
         states = self._head_sequence(t, i, wars_lag, ast_lag)
 
         def total(d2: float) -> float:
-            alone = gain * math.sqrt(d2)
-            return so_far + alone if combine == "sum" else math.hypot(so_far, alone)
+            return _combined(so_far, gain * math.sqrt(d2), combine)
 
         fits = bisect.bisect_left(states, True, key=lambda state: total(state[3]) > limit)
         bound = self.head_units[i][{"full": "f", "wars": "w"}[kept]]
@@ -426,6 +422,11 @@ def _rule(predictor: Predictor, budget: float, combine: Combine, *, with_heads: 
     return Choice(methods, losses, predictor.cost(methods, grid, heads), grid, heads)
 
 
+def _combined(so_far: float, alone: float, combine: Combine) -> float:
+    """A step's running loss with one more unit's own loss: added (``sum``) or in quadrature (``rss``)."""
+    return so_far + alone if combine == "sum" else math.hypot(so_far, alone)
+
+
 def _cheapest_fit(
     options: dict[str, float | None], so_far: float, limit: float, combine: Combine, default: str
 ) -> tuple[str, float]:
@@ -437,7 +438,7 @@ def _cheapest_fit(
             break
         if alone is None or not math.isfinite(alone):
             continue
-        total = so_far + alone if combine == "sum" else math.hypot(so_far, alone)
+        total = _combined(so_far, alone, combine)
         if total <= limit and (kept == default or total < kept_loss):
             kept, kept_loss = c, total
     return kept, kept_loss
@@ -454,7 +455,7 @@ def _best_ratio_fit(
     for c, alone in options.items():
         if alone is None or not math.isfinite(alone) or savings.get(c, 0.0) <= 0.0:
             continue
-        total = so_far + alone if combine == "sum" else math.hypot(so_far, alone)
+        total = _combined(so_far, alone, combine)
         rank = (savings[c] / alone if alone > 0.0 else math.inf, savings[c])
         if total <= limit and rank > best:
             kept, kept_loss, best = c, total, rank

@@ -315,7 +315,7 @@ def test_per_head_measures_round_trip():
         (lambda d: d["measurements"]["head_wars"][2][1].append(0.5), r"\$\.measurements\.head_wars\[2\]\[1\]: has 3 heads, model\.num_heads is 2"),
         (lambda d: d["measurements"]["head_ast"][0][0].__setitem__(1, 0.5), r"\$\.measurements\.head_ast\[0\]\[0\]\[1\]: must be null, no step -1"),
         (lambda d: d["measurements"]["head_wars"][1][0].__setitem__(0, float("inf")), r"\$\.measurements\.head_wars\[1\]\[0\]\[0\]: must be finite"),
-        (lambda d: d["measurements"]["head_wars"][1][0].__setitem__(0, -1.0), r"Expected `float` >= 0.0 - at `\$\.measurements\.head_wars\[1\]\[0\]\[0\]`"),
+        (lambda d: d["measurements"]["head_wars"][1][0].__setitem__(0, -1.0), r"\$\.measurements\.head_wars\[1\]\[0\]\[0\]"),
         (lambda d: d["measurements"].__setitem__("head_wars", None), r"\$\.measurements\.head_ast: present only with \$\.measurements\.head_wars"),
         (lambda d: d["measurements"].__setitem__("head_ast", None), r"\$\.measurements\.head_wars: present only with \$\.measurements\.head_ast"),
         (lambda d: d.__setitem__("schema_version", 4), r"\$\.measurements\.head_ast: needs schema_version 5 \(got 4\)"),
