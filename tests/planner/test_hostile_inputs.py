@@ -305,6 +305,8 @@ def test_real_ctrl_c_at_any_moment_prints_no_traceback(tmp_path, delay):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a job started in the background by a shell inherits Ctrl-C ignored; a terminal's would not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(delay)
     process.send_signal(signal.SIGINT)

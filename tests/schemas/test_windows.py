@@ -12,6 +12,7 @@ import schemas
 from schemas import PlanError, ProfileError, Tiles1d, Tiles2d, Tiles3d, decode_plan, encode_plan, summarize
 from tests.schemas.test_plan import as_doc, decode_doc, make_plan, video_plan
 from tests.schemas.test_profile import make_profile
+from tests.messages import naming
 
 TILES = Tiles2d((4, 4), (2, 2), 0)  # tokens=16 at 32x32 pixels: a 4 x 4 patch grid
 
@@ -62,12 +63,12 @@ def test_tiles_that_do_not_fit_name_the_field(window, message):
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ({"kind": "tiles2d", "grid": [4], "tile": [2, 2], "k": 0}, r"length 2 - at `\$\.window\.grid`"),
-        ({"kind": "tiles5d", "tile": 2, "k": 0}, r"Invalid value 'tiles5d' - at `\$\.window\.kind`"),
-        ({"kind": "tiles1d", "tile": 0, "k": 0}, r">= 1 - at `\$\.window\.tile`"),
-        ({"kind": "tiles1d", "tile": 4, "k": -1}, r">= 0 - at `\$\.window\.k`"),
-        ({"kind": "tiles1d", "tile": 4, "k": 0, "pad": 1}, r"unknown field `pad`"),
-        ("band:3", r"Expected `int \| object`, got `str` - at `\$\.window`"),
+        ({"kind": "tiles2d", "grid": [4], "tile": [2, 2], "k": 0}, naming("$.window.grid", "2")),
+        ({"kind": "tiles5d", "tile": 2, "k": 0}, naming("$.window.kind", "tiles5d")),
+        ({"kind": "tiles1d", "tile": 0, "k": 0}, naming("$.window.tile", "1")),
+        ({"kind": "tiles1d", "tile": 4, "k": -1}, naming("$.window.k", "0")),
+        ({"kind": "tiles1d", "tile": 4, "k": 0, "pad": 1}, r"\bpad\b"),
+        ("band:3", naming("$.window")),
     ],
 )
 def test_malformed_windows_are_refused_with_their_path(value, message):
@@ -115,7 +116,7 @@ def test_window_errors_must_measure_the_plans_window():
     with pytest.raises(PlanError, match=r"\$\.calibration\.window_errors: measures no tiles2d:2x2:0"):
         decode_doc(doc)
     doc["calibration"]["window_errors"] = {"tiles2d:2x2:0": -1.0}
-    with pytest.raises(PlanError, match=r">= 0.0 - at `\$\.calibration\.window_errors\[...\]`|window_errors"):
+    with pytest.raises(PlanError, match=naming("$.calibration.window_errors[...]", "0.0")):
         decode_doc(doc)
 
 
