@@ -475,7 +475,7 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
     """``build --from-profile``: compile the plan for δ, check it fits ``--model`` if given, write it."""
     import time
 
-    from planner.compile import COMBINE, OBJECTIVES, PICKS, compile_plan, load_profile
+    from planner.compile import check_options, compile_plan, load_profile
     from planner.errors import bad_input
     from planner.output import check_writable, write_plan
     from planner.report import build_summary
@@ -487,15 +487,8 @@ def run_compile(profile_file: Path, options: dict[str, Any], *, quiet: bool) -> 
         raise bad_input(f"{fixed[0]}: --{name} is fixed by the profile; it cannot be given with --from-profile")
     if options["delta"] is None:
         raise bad_input("delta: required (give --delta)")
-    combine = options["combine"] or "sum"
-    if combine not in COMBINE:
-        raise bad_input(f"combine: use sum or rss (got {combine!r})")
-    pick = options["pick"] or "cheapest"
-    if pick not in PICKS:
-        raise bad_input(f"pick: use cheapest or ratio (got {pick!r})")
-    objective = options["objective"]
-    if objective is not None and objective not in OBJECTIVES:
-        raise bad_input(f"objective: use time, flops or transformer (got {objective!r})")
+    combine, objective, pick = options["combine"] or "sum", options["objective"], options["pick"] or "cheapest"
+    check_options(combine, objective, pick)
     if options["output"] is None:
         raise bad_input("output: required (give --output)")
     output = Path(options["output"])
@@ -555,18 +548,13 @@ def sweep(
     with reported(ctx):
         import time
 
-        from planner.compile import COMBINE, OBJECTIVES, PICKS, compile_plans, load_profile, parse_deltas, sweep_file_name
+        from planner.compile import check_options, compile_plans, load_profile, parse_deltas, sweep_file_name
         from planner.errors import bad_input
         from planner.output import check_writable, write_plan
         from planner.report import METHOD_STYLE, legend, percent
         from schemas import METHODS
 
-        if combine not in COMBINE:
-            raise bad_input(f"combine: use sum or rss (got {combine!r})")
-        if pick not in PICKS:
-            raise bad_input(f"pick: use cheapest or ratio (got {pick!r})")
-        if objective is not None and objective not in OBJECTIVES:
-            raise bad_input(f"objective: use time, flops or transformer (got {objective!r})")
+        check_options(combine, objective, pick)
         values = parse_deltas(deltas)
         if output_dir is not None and not output_dir.is_dir():
             raise bad_input(f"output_dir: folder {str(output_dir)!r} does not exist")
@@ -893,12 +881,7 @@ def run_refine(
             progress=lambda done, best: bar.update(task, completed=done), check=checker,
         )  # fmt: skip
     write_plan(result.plan, output)
-    verdict = ""
-    if result.checked is not None:
-        before, after = result.checked
-        verdict = f"; next seeds {before:.2f} → {after:.2f} dB: " + (
-            "kept" if result.passed else "no gain there, the plan is written unrefined"
-        )
+    verdict = f"; {result.check_note()}" if result.checked is not None else ""
     out.print(
         f"{output}: PSNR against raw on {len(inputs)} calibration prompts {result.start:.2f} → "
         f"{result.score:.2f} dB; {result.kept} moves kept of {result.evals} generations{verdict}; attention "

@@ -138,10 +138,8 @@ class Predictor:
         ffn: bool = False,
         power: float = STEP_WEIGHT_POWER,
         heads: bool = False,
-        pick: Pick = "cheapest",
     ) -> None:
         self.profile = profile
-        self.pick = pick
         m = profile.measurements
         self.heads = heads and m.head_ast is not None and m.head_wars is not None
         self.ffn_layers = len(m.ffn_reuse[0]) if ffn and m.ffn_reuse else 0
@@ -356,7 +354,7 @@ class Predictor:
         return row[lag] if 0 <= lag < len(row) else None
 
 
-def _rule(predictor: Predictor, budget: float, combine: Combine, *, with_heads: bool = True) -> Choice:
+def _rule(predictor: Predictor, budget: float, combine: Combine, pick: Pick, *, with_heads: bool = True) -> Choice:
     """The greedy rule on predicted losses with ``budget`` = 1 − δ.
 
     Per step the units (attention layers, and feed-forward layers when compiled with them,
@@ -402,7 +400,7 @@ def _rule(predictor: Predictor, budget: float, combine: Combine, *, with_heads: 
                     row, lag = table[measure][t][i], t - source[i]
                 options[c] = row[lag] if lag < len(row) else None
             previous = so_far
-            if p.pick == "ratio":
+            if pick == "ratio":
                 kept, so_far = _best_ratio_fit(options, so_far, limit, combine, "full", p.savings[i])
             else:
                 kept, so_far = _cheapest_fit(options, so_far, limit, combine, "full")
@@ -420,6 +418,15 @@ def _rule(predictor: Predictor, budget: float, combine: Combine, *, with_heads: 
                 source[i], after_asc[i] = t, kept == "asc"
     grid = ffn if p.ffn_layers else None
     return Choice(methods, losses, predictor.cost(methods, grid, heads), grid, heads)
+
+
+def check_options(combine: str, objective: str | None, pick: str) -> None:
+    """Refuse a ``combine``, ``objective`` (``None``: the profile's default) or ``pick`` the
+    compiler does not know, in one line naming the option and the values it takes."""
+    options = (("combine", combine, COMBINE), ("pick", pick, PICKS), ("objective", objective, OBJECTIVES))
+    for field, value, allowed in options:
+        if value is not None and value not in allowed:
+            raise bad_input(f"{field}: use {', '.join(allowed[:-1])} or {allowed[-1]} (got {value!r})")
 
 
 def _combined(so_far: float, alone: float, combine: Combine) -> float:
@@ -499,8 +506,7 @@ class Compiler:
     ) -> None:
         self.profile = profile
         self.combine: Combine = combine
-        if pick not in PICKS:
-            raise bad_input(f"pick: use cheapest or ratio (got {pick!r})")
+        check_options(combine, objective, pick)
         self.pick: Pick = pick
         self.weighted = weighted and profile.measurements.step_weight is not None
         self.power = power
@@ -519,7 +525,7 @@ class Compiler:
         if self.objective == "time" and profile.latency is None:
             raise bad_input("objective: the profile has no measured latencies; use --objective flops")
         self.predictor = Predictor(
-            profile, self.objective, weighted=self.weighted, ffn=ffn, power=power, heads=heads, pick=pick
+            profile, self.objective, weighted=self.weighted, ffn=ffn, power=power, heads=heads
         )
         self._rules: dict[int, Choice] = {}
         self._best: list[Choice] = []  # _best[k]: least FLOPs among rules 0..k
@@ -543,9 +549,9 @@ class Compiler:
                 ffn = [["compute"] * p.ffn_layers for _ in range(p.steps)] if p.ffn_layers else None
                 self._rules[k] = Choice(grid, losses, p.cost(grid, ffn), ffn)
             else:
-                rule = _rule(p, k / RESOLUTION, self.combine)
+                rule = _rule(p, k / RESOLUTION, self.combine, self.pick)
                 if p.heads:  # a cell spends budget later layers may save more with: keep the cheaper
-                    plain = _rule(p, k / RESOLUTION, self.combine, with_heads=False)
+                    plain = _rule(p, k / RESOLUTION, self.combine, self.pick, with_heads=False)
                     rule = rule if rule.cost < plain.cost else plain
                 self._rules[k] = rule
         return self._rules[k]

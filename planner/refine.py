@@ -51,6 +51,13 @@ class Refined:
     checked: tuple[float, float] | None = None
     passed: bool = True
 
+    def check_note(self) -> str:
+        """The check in a line (empty without one): its scores and whether the refined grid was kept."""
+        if self.checked is None:
+            return ""
+        outcome = "kept" if self.passed else "no gain there, the plan is written unrefined"
+        return f"next seeds {self.checked[0]:.2f} → {self.checked[1]:.2f} dB: {outcome}"
+
 
 def executed_attention(plan: Plan) -> float:
     """The plan's attention FLOPs fraction plus the windows its residual refreshes run

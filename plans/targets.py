@@ -105,10 +105,7 @@ def refined(
     """``plan`` refined on the calibration PSNR (``planner/refine.py``), its figure kept under
     ``target``, if ``check`` agrees."""
     result = refine(plan, score, fits=lambda p: FIGURES[figure](p) <= target, max_evals=evals, check=check)
-    verdict = "" if result.checked is None else (
-        f"; next seeds {result.checked[0]:.2f} → {result.checked[1]:.2f} dB: "
-        + ("kept" if result.passed else "dropped, the unrefined plan written")
-    )  # fmt: skip
+    verdict = f"; {result.check_note()}" if result.checked is not None else ""
     print(f"    refined: {result.start:.2f} → {result.score:.2f} dB, {result.kept} moves kept of "
           f"{result.evals} scored{verdict}", flush=True)
     return result.plan
